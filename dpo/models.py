@@ -1,0 +1,100 @@
+"""Tokenizers and causal language models: from the Hugging Face hub, a local directory, or a config.
+
+`model.name_or_path` names a hub model or a local Hugging Face directory. `model.from_config`
+instead builds a fresh model from a config dict (e.g. the `tiny` model), with no download.
+`model.tokenizer_name_or_path: char` selects the project's built-in character tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from dpo.errors import ConfigError
+
+CHAR_TOKENIZER = "char"
+_CHAR_SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>", "<|unk|>")
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerBase:
+    """A character-level tokenizer over printable ASCII, newline and tab, built offline.
+
+    One token per character keeps the `tiny` model's vocabulary at 100 and needs no training
+    data; other characters map to <|unk|>. It saves and reloads with `AutoTokenizer`.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = [chr(code) for code in range(32, 127)] + ["\n", "\t"]
+    vocab = {token: index for index, token in enumerate([*_CHAR_SPECIAL_TOKENS, *characters])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    pad, eos, unk = _CHAR_SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, eos_token=eos, unk_token=unk)
+
+
+def load_tokenizer(model_config: Mapping[str, Any], cache_dir: Optional[str] = None) -> PreTrainedTokenizerBase:
+    """The tokenizer named by `model.tokenizer_name_or_path` (default: `model.name_or_path`).
+
+    As in the reference, a tokenizer without a pad token pads with EOS.
+    """
+    name = model_config.get("tokenizer_name_or_path") or model_config.get("name_or_path")
+    if name == CHAR_TOKENIZER:
+        tokenizer = build_char_tokenizer()
+    elif name:
+        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
+    else:
+        raise ConfigError("model.tokenizer_name_or_path is required when model.name_or_path is null "
+                          "(e.g. model.tokenizer_name_or_path=char)")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {name} has no EOS token, which DPO appends to every response; "
+                          "choose a tokenizer with one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    return tokenizer
+
+
+def torch_dtype(name: str, key: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"{key}={name} is not a floating-point torch dtype: use float32, bfloat16 or float16")
+    return dtype
+
+
+def load_model(model_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype,
+               cache_dir: Optional[str] = None) -> nn.Module:
+    """A causal LM with every dropout turned off, from `model.from_config` or `model.name_or_path`."""
+    from_config = model_config.get("from_config")
+    if from_config:
+        config = AutoConfig.for_model(**dict(from_config))
+        config.vocab_size = len(tokenizer)
+        config.pad_token_id, config.eos_token_id, config.bos_token_id = (
+            tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.eos_token_id)
+        disable_config_dropout(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        name = model_config["name_or_path"]
+        config = AutoConfig.from_pretrained(name, cache_dir=cache_dir)
+        disable_config_dropout(config)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=dtype,
+                                                     low_cpu_mem_usage=True)
+    disable_dropout(model)
+    return model
+
+
+def disable_config_dropout(config) -> None:
+    """Zero every dropout probability in a model config (attention dropout is often not a module)."""
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+            setattr(config, key, 0.0)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set p=0 in every dropout module: DPO compares log-probs that dropout would make noisy."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0

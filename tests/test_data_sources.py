@@ -1,0 +1,466 @@
+"""The hh, shp and se sources, local preference files, and their error messages."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import fixtures as fx
+from dpo.data import clean_pairs, dataset_source, get_dataset, load_source
+from dpo.data.hh import HHSource, extract_anthropic_prompt, hh_rows_to_data
+from dpo.data.local import LocalPreferenceFiles, held_out_prompts, prompt_hash
+from dpo.data.se import SESource, se_rows_to_data, strip_html_tags
+from dpo.data.shp import SHPSource, shp_rows_to_data
+from dpo.errors import DataError
+
+REAL_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf"
+
+
+def located(rows, name="rows.jsonl"):
+    return [(f"{name} line {i}", row) for i, row in enumerate(rows, start=1)]
+
+
+def as_plain(data):
+    """The data dict with pairs as tuples, for comparison with hand-written expectations."""
+    return {prompt: {**example, "pairs": [tuple(pair) for pair in example["pairs"]]} for prompt, example in data.items()}
+
+
+def reported_skips(output: str) -> Counter:
+    """The counts in get_dataset's 'skipped 4 pairs with ..., 2 rows whose ...' line(s)."""
+    counts = Counter()
+    for line in output.splitlines():
+        if "; skipped " in line:
+            for count, reason in re.findall(r"(\d+) ([^,]+)", line.split("; skipped ", 1)[1]):
+                counts[reason] += int(count)
+    return counts
+
+
+class FakeHub:
+    """Stands in for `datasets.load_dataset`, recording what was requested."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.calls = []
+
+    def __call__(self, name, **kwargs):
+        import datasets
+
+        self.calls.append((name, kwargs))
+        return datasets.Dataset.from_list(self.rows)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    def install(rows):
+        import datasets
+
+        hub = FakeHub(rows)
+        monkeypatch.setattr(datasets, "load_dataset", hub)
+        return hub
+
+    return install
+
+
+# ---- hh -------------------------------------------------------------------------------------------
+
+
+def test_extract_anthropic_prompt_keeps_everything_up_to_the_last_assistant_turn():
+    transcript = fx.CAPITAL_PROMPT + " The capital of Italy is Rome."
+    assert extract_anthropic_prompt(transcript) == fx.CAPITAL_PROMPT
+    with pytest.raises(ValueError):
+        extract_anthropic_prompt("\n\nHuman: hello")
+
+
+def test_hh_conversion_matches_hand_computed_dict(tmp_path):
+    path = fx.write_jsonl(tmp_path / "hh.jsonl.gz", fx.HH_ROWS)
+    skipped = Counter()
+    data = hh_rows_to_data(located(fx.read_jsonl(path)), skipped)
+    assert as_plain(data) == fx.HH_EXPECTED
+    assert skipped == {fx.HH_DIFFERENT_PROMPT: 1}
+
+
+def test_hh_quirks_are_left_to_clean_pairs_and_counted_there():
+    skipped = Counter()
+    data = clean_pairs(hh_rows_to_data(located(fx.HH_ROWS), skipped), skipped)
+    assert skipped == {
+        fx.HH_DIFFERENT_PROMPT: 1,
+        "pairs with an empty response": 1,
+        "pairs with chosen == rejected": 1,
+        "prompts with no usable pair or SFT target": 1,
+    }
+    assert set(data) == {fx.EGG_PROMPT, fx.CAPITAL_PROMPT, fx.GREETING_PROMPT}
+    assert data[fx.GREETING_PROMPT]["pairs"] == [] and data[fx.GREETING_PROMPT]["sft_target"]
+
+
+def test_hh_hub_load_requests_the_split_and_names_bad_rows(fake_hub):
+    hub = fake_hub(fx.HH_ROWS)
+    source = HHSource()
+    data = source.load("test", silent=True, cache_dir="/tmp/cache")
+    assert hub.calls == [("Anthropic/hh-rlhf", {"split": "test", "cache_dir": "/tmp/cache"})]
+    assert as_plain(data) == fx.HH_EXPECTED
+    assert source.skipped == {fx.HH_DIFFERENT_PROMPT: 1}
+    assert source.truncation_mode == "keep_end"
+
+    fake_hub(fx.HH_ROWS[:1] + [{"chosen": "Human: hi\n\nBot: hello", "rejected": "Human: hi\n\nBot: go away"}])
+    with pytest.raises(DataError, match=r"^row 2 of Anthropic/hh-rlhf \(train\) is not an HH transcript: .*Assistant"):
+        HHSource().load("train", silent=True)
+
+
+# ---- shp ------------------------------------------------------------------------------------------
+
+
+def test_shp_conversion_matches_hand_computed_dict(tmp_path):
+    rows = fx.read_jsonl(fx.write_jsonl(tmp_path / "shp.jsonl", fx.SHP_ROWS))
+    skipped = Counter()
+    assert as_plain(shp_rows_to_data(rows, skipped)) == fx.SHP_EXPECTED
+    assert skipped == fx.SHP_SKIPPED
+
+
+def test_shp_hub_load_requests_the_split(fake_hub):
+    hub = fake_hub(fx.SHP_ROWS)
+    source = SHPSource()
+    data = source.load("validation", silent=True)
+    assert hub.calls == [("stanfordnlp/SHP", {"split": "validation", "cache_dir": None})]
+    assert as_plain(data) == fx.SHP_EXPECTED
+    assert source.skipped == fx.SHP_SKIPPED
+    assert source.truncation_mode == "keep_start"
+
+
+# ---- se -------------------------------------------------------------------------------------------
+
+
+def test_strip_html_tags_on_stackexchange_html():
+    assert strip_html_tags(fx.SE_QUESTION_HTML) == fx.SE_QUESTION_TEXT
+    html = (
+        "<h2>Short answer</h2>\n<p>It depends on the <a href=\"https://example.com\">version</a>"
+        " &mdash; see below.<br/>Really.</p>\n"
+        "<blockquote>\n  <p>Quoted   text\n  over two lines</p>\n</blockquote>\n"
+        "<ul>\n<li>first &lt;item&gt;</li>\n<li><strong>second</strong> item</li>\n</ul>\n"
+        "<p><img src=\"x.png\" alt=\"diagram\"></p>\n"
+        "<pre><code>if (a &lt; b &amp;&amp; c) {\n    return;\n}\n</code></pre>\n"
+        "<div>tail</div>"
+    )
+    assert strip_html_tags(html) == (
+        "Short answer\n\n"
+        "It depends on the version \u2014 see below.\nReally.\n\n"
+        "Quoted text over two lines\n\n"
+        "first <item>\n\n"
+        "second item\n\n"
+        "<code>if (a < b && c) {\n    return;\n}\n</code>\n\n"
+        "tail"
+    )
+    assert strip_html_tags("  plain text, no tags  ") == "plain text, no tags"
+
+
+@pytest.mark.parametrize("writer, reader, name", [
+    (fx.write_parquet, fx.read_parquet, "se.parquet"),
+    (fx.write_jsonl, fx.read_jsonl, "se.jsonl"),
+])
+def test_se_conversion_matches_hand_computed_dict(tmp_path, writer, reader, name):
+    rows = reader(writer(tmp_path / name, fx.SE_ROWS))
+    skipped = Counter()
+    assert as_plain(se_rows_to_data(rows, skipped)) == fx.SE_EXPECTED
+    assert skipped == {"answer pairs with equal scores": 1}
+
+
+def test_se_hub_load_takes_the_references_1_percent_test_split(tmp_path, fake_hub):
+    import datasets
+
+    rows = fx.read_parquet(fx.write_parquet(tmp_path / "se.parquet", fx.many_se_rows(300)))
+    hub = fake_hub(rows)
+    test = SESource().load("test", silent=True)
+    train = SESource().load("train", silent=True)
+    assert hub.calls == [("HuggingFaceH4/stack-exchange-preferences", {"split": "train", "cache_dir": None})] * 2
+    assert len(test) == 3 and len(train) == 297 and not set(test) & set(train)
+    expected_test = datasets.Dataset.from_list(rows).shuffle(seed=42).select(range(3))
+    assert set(test) == {f"\n\nHuman: {strip_html_tags(row['question'])}\n\nAssistant:" for row in expected_test}
+    example = next(iter(test.values()))
+    assert example["pairs"] == [(0, 1)] and example["sft_target"] == example["responses"][0]
+
+
+def test_se_rejects_unknown_split_before_downloading(fake_hub):
+    hub = fake_hub(fx.SE_ROWS)
+    with pytest.raises(DataError, match="dataset se has splits 'train' and 'test', not 'validation'"):
+        SESource().load("validation", silent=True)
+    assert hub.calls == []
+
+
+# ---- local files: formats -----------------------------------------------------------------------------
+
+
+def test_registered_names_and_paths_resolve_to_sources(tmp_path):
+    assert isinstance(dataset_source("hh"), HHSource)
+    assert isinstance(dataset_source("shp"), SHPSource)
+    assert isinstance(dataset_source("se"), SESource)
+    path = str(tmp_path / "data.jsonl")
+    source = dataset_source(path)
+    assert isinstance(source, LocalPreferenceFiles) and source.name == path
+
+
+@pytest.mark.parametrize("name, writer", [
+    ("pairs.jsonl", fx.write_jsonl),
+    ("pairs.jsonl.gz", fx.write_jsonl),
+    ("pairs.json", fx.write_json_array),
+    ("pairs.json.gz", fx.write_json_array),
+    ("lines.json", fx.write_jsonl),
+    ("pairs.parquet", fx.write_parquet),
+    ("pairs.parquet.gz", fx.write_parquet),
+])
+def test_every_supported_file_kind_reads_the_same_pairs(tmp_path, name, writer):
+    rows = fx.pair_rows(40, pairs_per_prompt=2)
+    path = str(writer(tmp_path / name, rows))
+    source = LocalPreferenceFiles(path)
+    train = source.load("train")
+    test = source.load("test")
+    assert source.truncation_mode == "keep_start"
+    assert len(test) == 2 and len(train) == 38
+    merged = {**train, **test}
+    for row in rows:
+        example = merged[row["prompt"]]
+        assert row["chosen"] in example["responses"] and row["rejected"] in example["responses"]
+    assert merged["Question 3: what is 3 + 3?"] == {
+        "responses": [" 6.", " 7.", " 6.", " 8."], "pairs": [(0, 1), (2, 3)], "sft_target": " 6.",
+    }
+
+
+def test_single_file_split_is_by_hashed_prompt_deterministic_and_disjoint(tmp_path):
+    rows = fx.pair_rows(101)
+    forward = str(fx.write_jsonl(tmp_path / "forward.jsonl", rows))
+    backward = str(fx.write_jsonl(tmp_path / "backward.jsonl", rows[::-1]))
+    train, test = get_dataset(forward, "train"), get_dataset(forward, "test")
+    assert len(test) == math.ceil(101 * 0.05) == 6
+    assert not set(train) & set(test) and len(train) + len(test) == 101
+    assert set(test) == set(sorted((row["prompt"] for row in rows), key=prompt_hash)[:6])
+    assert get_dataset(backward, "test").keys() == test.keys()
+    assert get_dataset(forward, "test") == test
+
+
+def test_held_out_prompts_holds_out_at_least_one_of_two_and_none_of_one():
+    assert len(held_out_prompts(["a", "b"])) == 1
+    assert held_out_prompts(["only"]) == set()
+    assert len(held_out_prompts(["a", "a", "b", "c"])) == 1  # prompts, not rows
+
+
+def test_single_prompt_file_has_no_test_split(tmp_path):
+    path = str(fx.write_jsonl(tmp_path / "one.jsonl", fx.pair_rows(1, pairs_per_prompt=3)))
+    assert len(get_dataset(path, "train")["Question 0: what is 0 + 0?"]["pairs"]) == 3
+    with pytest.raises(DataError, match=rf"^{re.escape(path)} holds a single prompt, .* train\.\* and test\.\*"):
+        get_dataset(path, "test")
+
+
+def test_directory_reads_train_and_test_files(tmp_path):
+    rows = fx.pair_rows(10)
+    fx.write_jsonl(tmp_path / "train.jsonl", rows[:7])
+    fx.write_parquet(tmp_path / "test.parquet.gz", rows[7:])
+    (tmp_path / "README.md").write_text("notes")
+    assert set(get_dataset(str(tmp_path), "train")) == {row["prompt"] for row in rows[:7]}
+    assert set(get_dataset(str(tmp_path), "test")) == {row["prompt"] for row in rows[7:]}
+
+
+def test_hh_transcripts_in_a_local_file_follow_the_hh_rules(tmp_path, capsys):
+    fx.write_jsonl(tmp_path / "train.jsonl.gz", fx.HH_ROWS)
+    fx.write_jsonl(tmp_path / "test.jsonl", fx.HH_ROWS[:2])
+    source = LocalPreferenceFiles(str(tmp_path))
+    data = load_source(source, "train")
+    assert source.truncation_mode == "keep_end"
+    assert as_plain(data)[fx.EGG_PROMPT] == fx.HH_EXPECTED[fx.EGG_PROMPT]
+    assert set(data) == {fx.EGG_PROMPT, fx.CAPITAL_PROMPT, fx.GREETING_PROMPT}
+    assert reported_skips(capsys.readouterr().out) == {
+        fx.HH_DIFFERENT_PROMPT: 1,
+        "pairs with an empty response": 1,
+        "pairs with chosen == rejected": 1,
+        "prompts with no usable pair or SFT target": 1,
+    }
+
+
+def test_single_hh_file_counts_each_skip_in_the_split_of_its_prompt(tmp_path):
+    odd_ones = [
+        {"chosen": f"\n\nHuman: Odd question {i}?\n\nAssistant: Answer {i}.",
+         "rejected": f"\n\nHuman: Another question {i}?\n\nAssistant: Other {i}."}
+        for i in range(30)
+    ]
+    rows = fx.HH_ROWS + odd_ones
+    test_prompts = held_out_prompts(extract_anthropic_prompt(row["chosen"]) for row in rows)
+    odd_in_test = sum(extract_anthropic_prompt(row["chosen"]) in test_prompts for row in rows[3:4] + odd_ones)
+    assert odd_in_test > 0
+    source = LocalPreferenceFiles(str(fx.write_jsonl(tmp_path / "hh.jsonl", rows)))
+    source.load("test")
+    assert source.skipped == {fx.HH_DIFFERENT_PROMPT: odd_in_test}
+    source.load("train")
+    assert source.skipped == {fx.HH_DIFFERENT_PROMPT: 31 - odd_in_test}
+
+
+# ---- local files: errors ------------------------------------------------------------------------------
+
+
+def load_error(path, split="train") -> str:
+    with pytest.raises(DataError) as error:
+        get_dataset(str(path), split, silent=True)
+    message = str(error.value)
+    assert "\n" not in message, "errors are one line"
+    return message
+
+
+def test_error_for_missing_path(tmp_path):
+    message = load_error(tmp_path / "nowhere" / "data.jsonl")
+    assert message.startswith(f"dataset path {tmp_path / 'nowhere' / 'data.jsonl'} does not exist;")
+    assert "train.* and test.*" in message
+
+
+def test_error_for_unsupported_suffix(tmp_path):
+    path = fx.write_text(tmp_path / "data.csv", "prompt,chosen,rejected\n")
+    assert load_error(path) == f"{path} has an unsupported suffix; use .jsonl, .json or .parquet, optionally followed by .gz"
+
+
+def test_error_for_directory_without_a_test_file(tmp_path):
+    fx.write_jsonl(tmp_path / "train.jsonl", fx.pair_rows(3))
+    fx.write_text(tmp_path / "test.csv", "x")
+    message = load_error(tmp_path)
+    assert message.startswith(f"directory {tmp_path} has no test file (it holds: test.csv, train.jsonl); add test.jsonl")
+
+
+def test_error_for_empty_directory(tmp_path):
+    assert "has no train file (it holds: nothing)" in load_error(tmp_path)
+
+
+def test_error_for_directory_with_several_train_files(tmp_path):
+    fx.write_jsonl(tmp_path / "train.jsonl", fx.pair_rows(3))
+    fx.write_parquet(tmp_path / "train.parquet", fx.pair_rows(3))
+    fx.write_jsonl(tmp_path / "test.jsonl", fx.pair_rows(3))
+    assert load_error(tmp_path) == (
+        f"directory {tmp_path} has several train files (train.jsonl, train.parquet); keep exactly one"
+    )
+
+
+def test_error_for_malformed_json_line_counts_blank_lines(tmp_path):
+    lines = [json.dumps(row) for row in fx.pair_rows(2)] + ["", '{"prompt": "Q", "chosen": "A", "rejected": }']
+    path = fx.write_text(tmp_path / "data.jsonl.gz", "\n".join(lines) + "\n")
+    message = load_error(path)
+    assert message.startswith(f"{path} line 4 is not valid JSON: Expecting value (column 44); fix that line")
+
+
+def test_error_for_malformed_json_array(tmp_path):
+    path = fx.write_text(tmp_path / "data.json", '[\n {"prompt": "Q", "chosen": "A", "rejected": "B"},\n {"prompt": }\n]')
+    assert load_error(path).startswith(f"{path} line 3 is not valid JSON: Expecting value")
+
+
+def test_error_for_row_that_is_not_an_object(tmp_path):
+    path = fx.write_jsonl(tmp_path / "data.jsonl", fx.pair_rows(2) + [["Q", "A", "B"]])
+    assert load_error(path).startswith(f"{path} line 3 is a JSON list, not an object; each row must be an object like")
+    path = fx.write_json_array(tmp_path / "data.json", ["just a string"])
+    assert load_error(path).startswith(f"{path} row 1 is a JSON str, not an object")
+
+
+def test_error_for_row_missing_a_field(tmp_path):
+    rows = fx.pair_rows(3)
+    del rows[1]["rejected"]
+    path = fx.write_jsonl(tmp_path / "data.jsonl", rows)
+    assert load_error(path) == (
+        f"{path} line 2 has no 'rejected' field (it has: prompt, chosen); every row needs the string fields "
+        "prompt, chosen, rejected, as the first row has"
+    )
+    path = fx.write_parquet(tmp_path / "hh.parquet", [{"chosen": "\n\nHuman: hi\n\nAssistant: yo", "answer": "x"}])
+    assert load_error(path).startswith(f"{path} row 1 has no 'rejected' field (it has: chosen, answer)")
+
+
+def test_error_for_conversational_rows(tmp_path):
+    rows = fx.pair_rows(2)
+    rows[1]["chosen"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = fx.write_jsonl(tmp_path / "chat.jsonl", rows)
+    message = load_error(path)
+    assert message.startswith(f"{path} line 2 field 'chosen' is a list, not a string: conversational")
+    assert 'not supported; give plain strings like {"prompt": "...", "chosen": "...", "rejected": "..."}' in message
+
+
+def test_error_for_non_string_field(tmp_path):
+    path = fx.write_json_array(tmp_path / "data.json", [{"prompt": "Q", "chosen": 4, "rejected": "5"}])
+    assert load_error(path).startswith(f"{path} row 1 field 'chosen' is int, not a string")
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl.gz", "\n  \n"), ("empty.json", "[]")])
+def test_error_for_empty_file(tmp_path, name, content):
+    path = fx.write_text(tmp_path / name, content)
+    assert load_error(path).startswith(f"{path} holds no rows; add one object per row like")
+
+
+def test_error_for_non_transcript_row_in_hh_format(tmp_path):
+    path = fx.write_jsonl(tmp_path / "hh.jsonl", fx.HH_ROWS[:2] + [{"chosen": "User: hi\nBot: yo", "rejected": "x"}])
+    message = load_error(path)
+    assert message.startswith(f"{path} line 3 is not an HH transcript: its 'chosen' text has no '\\n\\nAssistant:' turn")
+    assert "add a 'prompt' field" in message
+
+
+def test_error_for_unknown_split(tmp_path):
+    path = fx.write_jsonl(tmp_path / "data.jsonl", fx.pair_rows(3))
+    assert load_error(path, "validation") == (
+        f"local dataset {path} has splits 'train' and 'test', not 'validation'; use one of those"
+    )
+
+
+def test_error_for_corrupt_gzip_and_parquet(tmp_path):
+    gz = tmp_path / "data.jsonl.gz"
+    gz.write_bytes(b"not gzip at all")
+    assert load_error(gz).startswith(f"{gz} is not a valid gzip file")
+    parquet = tmp_path / "data.parquet"
+    parquet.write_bytes(b"not parquet at all")
+    assert load_error(parquet).startswith(f"{parquet} is not a readable parquet file")
+
+
+# ---- the real HH-RLHF files ------------------------------------------------------------------------
+
+
+def count_real_quirks(path: Path) -> Counter:
+    """The real file's quirks, counted with plain string operations, independently of the loaders."""
+    counts = Counter()
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        for line in file:
+            row = json.loads(line)
+            prompt = row["chosen"][: row["chosen"].rindex("\n\nAssistant:") + len("\n\nAssistant:")]
+            if not row["rejected"].startswith(prompt):
+                counts[fx.HH_DIFFERENT_PROMPT] += 1
+                continue
+            chosen, rejected = row["chosen"][len(prompt):], row["rejected"][len(prompt):]
+            if not chosen.strip() or not rejected.strip():
+                counts["pairs with an empty response"] += 1
+            elif chosen == rejected:
+                counts["pairs with chosen == rejected"] += 1
+    return counts
+
+
+QUIRKS = [fx.HH_DIFFERENT_PROMPT, "pairs with an empty response", "pairs with chosen == rejected"]
+
+
+def test_real_hh_files_count_their_quirks(capsys):
+    # harmless-base has no chosen == rejected rows, helpful-base has all three quirks.
+    paths = [REAL_HH / "harmless-base-test.jsonl.gz", REAL_HH / "helpful-base-test.jsonl.gz"]
+    if not all(path.exists() for path in paths):
+        pytest.skip(f"real HH-RLHF files not found under {REAL_HH}")
+    totals = Counter()
+    for path in paths:
+        expected = count_real_quirks(path)
+        totals += expected
+
+        skipped = Counter()
+        with gzip.open(path, "rt", encoding="utf-8") as file:
+            rows = [(f"{path.name} line {i}", json.loads(line)) for i, line in enumerate(file, start=1)]
+        whole = clean_pairs(hh_rows_to_data(rows, skipped), skipped)
+        assert {reason: skipped[reason] for reason in QUIRKS} == {reason: expected[reason] for reason in QUIRKS}
+
+        capsys.readouterr()
+        train, test = get_dataset(str(path), "train"), get_dataset(str(path), "test")
+        reported = reported_skips(capsys.readouterr().out)
+        assert {reason: reported[reason] for reason in QUIRKS} == {reason: expected[reason] for reason in QUIRKS}
+        assert test and not set(train) & set(test) and {**train, **test}.keys() == whole.keys()
+        for data in (train, test):
+            for prompt, example in data.items():
+                assert prompt.endswith("\n\nAssistant:")
+                for chosen, rejected in example["pairs"]:
+                    chosen_text, rejected_text = example["responses"][chosen], example["responses"][rejected]
+                    assert chosen_text.strip() and rejected_text.strip() and chosen_text != rejected_text
+    assert all(totals[reason] > 0 for reason in QUIRKS), totals
