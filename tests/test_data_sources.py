@@ -32,12 +32,12 @@ def as_plain(data):
 
 
 def reported_skips(output: str) -> Counter:
-    """The counts in get_dataset's 'skipped 4 pairs with ..., 2 rows whose ...' line(s)."""
+    """The counts in get_dataset's 'skipped pairs with ...: 4; rows whose ...: 2' line(s)."""
     counts = Counter()
     for line in output.splitlines():
         if "; skipped " in line:
-            for count, reason in re.findall(r"(\d+) ([^,]+)", line.split("; skipped ", 1)[1]):
-                counts[reason] += int(count)
+            for reason, count in re.findall(r"([^;]+): (\d+)", line.split("; skipped ", 1)[1]):
+                counts[reason.strip()] += int(count)
     return counts
 
 

@@ -93,12 +93,12 @@ def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional
 
 def load_source(source: PreferenceSource, split: str, silent: bool = False,
                 cache_dir: Optional[str] = None) -> PreferenceData:
-    data = source.load(split, silent=silent, cache_dir=cache_dir)
-    skipped = Counter(source.skipped)
-    data = clean_pairs(data, skipped)
+    """`source.load(split)` cleaned by `clean_pairs`; every skip is counted in `source.skipped` and printed once."""
+    source.skipped.clear()
+    data = clean_pairs(source.load(split, silent=silent, cache_dir=cache_dir), source.skipped)
     n_pairs = sum(len(example["pairs"]) for example in data.values())
-    if not silent and skipped:
-        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+    if not silent and source.skipped:
+        reasons = "; ".join(f"{reason}: {count}" for reason, count in sorted(source.skipped.items()))
         print(f"dataset {source.name} ({split}): kept {n_pairs} pairs over {len(data)} prompts; skipped {reasons}")
     if not data:
         raise DataError(f"dataset {source.name} ({split}) has no usable examples after skipping bad rows")

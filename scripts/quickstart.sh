@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up, then run the embedded default: SFT and then DPO of the `tiny` model on the `toy` task, on CPU.
+# Prints held-out reward accuracy and the judge's score of DPO policy samples against the SFT model's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip install -q torch==2.13.0 && pip install -q -e .
+python train.py loss=sft exp_name=toy_sft local_run_dir=runs/toy_sft wandb.enabled=false
+python train.py loss=dpo loss.beta=0.1 exp_name=toy_dpo model.archive=runs/toy_sft/LATEST/policy.pt \
+    local_run_dir=runs/toy_dpo wandb.enabled=false
+python scripts/summarize_runs.py runs/toy_sft runs/toy_dpo

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dpo",
+    version="0.1.0",
+    description="Direct Preference Optimization and its relatives, from scratch in PyTorch",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dpo", "dpo.*"]),
+    py_modules=["preference_datasets"],
+    install_requires=[
+        # Install torch first (see README): an unpinned torch requirement with no torch present pulls CUDA builds.
+        "torch>=2.1",
+        "transformers>=4.56",
+        "tokenizers>=0.20",
+        "datasets>=2.14",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "wandb>=0.16",
+        "tqdm",
+        "numpy",
+        "pyarrow",
+        "safetensors",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)

@@ -1,0 +1,245 @@
+"""End-to-end: the Hydra configs, `train.py`'s workflow on the tiny model, and every user error it reports."""
+
+import copy
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train as train_script  # noqa: E402
+from dpo.batching import get_batch_iterator  # noqa: E402
+from dpo.errors import UserError  # noqa: E402
+from dpo.losses import build_loss  # noqa: E402
+from dpo.models import build_char_tokenizer, load_model  # noqa: E402
+from dpo.trainers import BasicTrainer  # noqa: E402
+
+METRIC_NAMES = {
+    "train": ["loss/train", "rewards_train/accuracies", "rewards_train/chosen", "rewards_train/rejected",
+              "rewards_train/margins", "logps_train/chosen", "logps_train/rejected", "examples_per_second",
+              "grad_norm", "counters/examples", "counters/updates"],
+    "eval": ["loss/eval", "rewards_eval/accuracies", "rewards_eval/chosen", "rewards_eval/rejected",
+             "rewards_eval/margins", "logps_eval/chosen", "logps_eval/rejected", "judge_eval/policy",
+             "judge_eval/reference", "counters/examples"],
+}
+
+
+def make_config(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def quick(run_dir, *overrides):
+    """A config for a short run of the tiny model on the toy task."""
+    return make_config(f"local_run_dir={run_dir}", "wandb.enabled=false", "n_examples=256", "eval_every=128",
+                       "n_eval_examples=64", "eval_batch_size=32", "n_eval_model_samples=8", *overrides)
+
+
+def read_metrics(run_dir):
+    with open(Path(run_dir) / "metrics.jsonl") as file:
+        return [json.loads(line) for line in file]
+
+
+# ---- configs -------------------------------------------------------------------------------------
+
+def test_reference_models_keep_the_reference_defaults():
+    config = make_config("model=pythia28", "loss=dpo", "loss.beta=0.1")
+    assert (config.lr, config.batch_size, config.optimizer, config.warmup_steps) == (5e-7, 4, "RMSprop", 150)
+    assert (config.max_length, config.max_prompt_length, config.n_epochs, config.eval_every) == (512, 256, 1, 20000)
+    assert list(config.datasets) == ["hh"]
+    assert config.model.name_or_path == "EleutherAI/pythia-2.8b"
+    assert config.model.block_name == "GPTNeoXLayer"
+    assert (config.model.policy_dtype, config.model.reference_dtype) == ("float32", "float16")
+    assert dict(config.loss) == {"name": "dpo", "beta": 0.1, "label_smoothing": 0, "reference_free": False}
+
+
+def test_default_is_the_tiny_model_on_the_toy_task_with_settings_per_loss():
+    sft = make_config()
+    assert sft.loss.name == "sft" and list(sft.datasets) == ["toy"] and sft.model.from_config.model_type == "gpt_neox"
+    assert sft.lr == 2e-3
+    dpo = make_config("loss=dpo", "loss.beta=0.1")
+    assert (dpo.lr, dpo.n_epochs) == (1e-4, 1)
+    assert make_config("loss=ipo", "loss.beta=0.1").lr == 1e-4
+    assert make_config("datasets=[hh]").datasets == ["hh"]  # the command line still wins
+
+
+@pytest.mark.parametrize("group", ["model", "loss"])
+def test_unknown_config_choice_lists_the_valid_ones(group):
+    with pytest.raises(MissingConfigException) as error:
+        make_config(f"{group}=nonexistent")
+    assert "nonexistent" in str(error.value)
+    assert ("pythia28" if group == "model" else "ipo") in str(error.value)
+
+
+# ---- the workflow --------------------------------------------------------------------------------
+
+def test_sft_then_dpo_end_to_end(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sft_dir = tmp_path / "sft"
+    train_script.train(quick(sft_dir, "loss=sft", "n_examples=1024"))
+    assert (sft_dir / "config.yaml").exists() and (sft_dir / "samples.jsonl").exists()
+    for checkpoint in ("step-128", "step-512", "LATEST"):
+        for filename in ("policy.pt", "optimizer.pt", "scheduler.pt"):
+            assert (sft_dir / checkpoint / filename).exists(), f"{checkpoint}/{filename}"
+    archive = torch.load(sft_dir / "LATEST" / "policy.pt", weights_only=True)
+    assert set(archive) == {"step_idx", "state", "metrics"} and archive["step_idx"] == 1024
+    hf_model = AutoModelForCausalLM.from_pretrained(sft_dir / "LATEST")
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir / "LATEST")
+    for key, value in hf_model.state_dict().items():
+        torch.testing.assert_close(value, archive["state"][key])
+    assert tokenizer("reverse", add_special_tokens=False)["input_ids"] == build_char_tokenizer()(
+        "reverse", add_special_tokens=False)["input_ids"]
+    sft_records = read_metrics(sft_dir)
+    assert {"loss/train", "logps_train/chosen", "grad_norm", "counters/updates"} <= set(sft_records[1])
+
+    dpo_dir = tmp_path / "dpo"
+    final = train_script.train(quick(dpo_dir, "loss=dpo", "loss.beta=0.1", "n_examples=512", "lr=1e-3",
+                                     f"model.archive={sft_dir / 'LATEST' / 'policy.pt'}"))
+    records = read_metrics(dpo_dir)
+    first_eval = records[0]
+    assert first_eval["event"] == "eval" and first_eval["step"] == 0
+    # The reference model is the SFT policy, so before training every implicit reward is 0.
+    assert first_eval["loss/eval"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first_eval["rewards_eval/margins"] == pytest.approx(0, abs=1e-6)
+    for event, names in METRIC_NAMES.items():
+        record = next(r for r in records if r["event"] == event and r["step"] > 0)
+        assert set(names) <= set(record), set(names) - set(record)
+    assert final["rewards_eval/accuracies"] > 0.8
+    assert final["rewards_eval/margins"] > 0
+    assert records[-1]["event"] == "eval" and records[-1]["step"] == 512
+
+
+def test_reference_free_dpo_loads_no_reference_model(tmp_path):
+    config = quick(tmp_path, "loss=dpo", "loss.beta=0.1", "loss.reference_free=true", "n_examples=64")
+    final = train_script.train(config)
+    assert "judge_eval/reference" not in final and "judge_eval/policy" in final
+
+
+def test_local_dataset_path_trains(tmp_path):
+    rows = [{"prompt": f"\n\nHuman: say {w}\n\nAssistant:", "chosen": f" {w}", "rejected": f" not {w}"}
+            for w in ("yes", "no", "maybe", "always", "never", "often", "seldom", "twice")]
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "test.json").write_text(json.dumps(rows[:3]))
+    final = train_script.train(quick(tmp_path / "run", "loss=dpo", "loss.beta=0.1", f"datasets=[{tmp_path}]",
+                                     "batch_size=4", "n_examples=16", "eval_every=8"))
+    assert "rewards_eval/accuracies" in final and "judge_eval/policy" not in final
+
+
+def test_wandb_runs_offline_without_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    config = quick(tmp_path / "run", "wandb.enabled=true", "n_examples=64", "n_eval_examples=32",
+                   "sample_during_eval=false")
+    train_script.train(config)
+    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+
+
+# ---- gradient accumulation ---------------------------------------------------------------------------
+
+def _trainer_after_one_step(accumulation_steps, model, batch, tmp_path):
+    config = OmegaConf.merge(quick(tmp_path), {"gradient_accumulation_steps": accumulation_steps, "batch_size": 8,
+                                               "optimizer": "AdamW", "warmup_steps": 0, "max_grad_norm": 1e9})
+    trainer = BasicTrainer(config, copy.deepcopy(model), build_char_tokenizer(), build_loss({"name": "dpo", "beta": 0.1}),
+                           [], [], str(tmp_path), reference_model=copy.deepcopy(model).requires_grad_(False))
+    return trainer, trainer.train_step(batch)
+
+
+def test_gradient_accumulation_changes_nothing_but_memory(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = build_char_tokenizer()
+    model = load_model(make_config().model, tokenizer, torch.float32)
+    batch = next(iter(get_batch_iterator(["toy"], tokenizer, batch_size=8, n_examples=8, max_length=64,
+                                         max_prompt_length=48)))
+    # Different response lengths across the batch, so that micro-batches pad differently.
+    assert len({len(r) for r in batch["chosen_response_only"]}) > 1
+    whole, whole_metrics = _trainer_after_one_step(1, model, batch, tmp_path)
+    split, split_metrics = _trainer_after_one_step(8, model, batch, tmp_path)
+    for key in ("loss/train", "grad_norm", "rewards_train/margins", "logps_train/rejected"):
+        assert split_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-5, abs=1e-6), key
+    assert whole_metrics["grad_norm"] > 0
+    for (name, a), b in zip(whole.policy.named_parameters(), split.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- user errors -----------------------------------------------------------------------------------------
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["datasets=[nonexistent]"], "unknown dataset 'nonexistent' in datasets=[...]: valid names are hh, se, shp, toy"),
+    (["loss=dpo"], "loss.beta is required for loss=dpo: pass it on the command line, e.g. loss.beta=0.1"),
+    (["loss=ipo"], "loss.beta is required for loss=ipo"),
+    (["loss=dpo", "loss.beta=0"], "loss.beta must be a positive number"),
+    (["loss=dpo", "loss.beta=-0.5"], "loss.beta must be a positive number"),
+    (["loss=dpo", "loss.beta=0.1", "loss.label_smoothing=0.5"], "loss.label_smoothing must be in [0, 0.5)"),
+    (["loss=dpo", "loss.beta=0.1", "loss.label_smoothing=-0.1"], "loss.label_smoothing must be in [0, 0.5)"),
+    (["loss=cdpo", "loss.beta=0.1", "loss.label_smoothing=0"], "must be above 0 for loss=cdpo"),
+    (["trainer=FSDPTrainer"], "trainer=FSDPTrainer is not available: valid trainers are BasicTrainer"),
+    (["optimizer=Adamm"], "optimizer=Adamm is not a torch.optim optimizer: valid are"),
+    (["batch_size=10", "gradient_accumulation_steps=4"], "batch_size=10 must be divisible by gradient_accumulation_steps=4"),
+    (["max_prompt_length=64"], "max_prompt_length=64 must be below max_length=64"),
+    (["n_epochs=null", "n_examples=null"], "set n_epochs or n_examples"),
+    (["model.policy_dtype=float31"], "model.policy_dtype=float31 is not a floating-point torch dtype"),
+    (["datasets=[/nonexistent/prefs.jsonl]"], "dataset path /nonexistent/prefs.jsonl does not exist"),
+    (["model.archive=/nonexistent/policy.pt"], "model.archive=/nonexistent/policy.pt does not exist"),
+    (["model=blank_model"], "model.name_or_path is required"),
+])
+def test_bad_config_gets_one_clear_message(tmp_path, overrides, message):
+    with pytest.raises(UserError) as error:
+        train_script.train(quick(tmp_path / "run", *overrides))
+    assert message in str(error.value)
+
+
+def test_bad_data_gets_one_clear_message(tmp_path):
+    good = json.dumps({"prompt": "Q:", "chosen": " a", "rejected": " b"})
+    cases = {
+        "malformed.jsonl": ([good, '{"prompt": "Q:", "chosen": " a",'], "malformed.jsonl line 2 is not valid JSON"),
+        "missing.jsonl": ([good, json.dumps({"prompt": "Q2:", "chosen": " a"})], "line 2 has no 'rejected' field"),
+        "eos.jsonl": ([good, json.dumps({"prompt": "Q2:", "chosen": " a<|endoftext|>", "rejected": " b"})] * 2,
+                      "contains the tokenizer's EOS text '<|endoftext|>'"),
+        "hh.jsonl": ([json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: no"}),
+                      json.dumps({"chosen": "Human: hi there", "rejected": "Human: hi there!"})],
+                     "hh.jsonl line 2 is not an HH transcript"),
+    }
+    for filename, (lines, message) in cases.items():
+        path = _write_lines(tmp_path / filename, lines)
+        with pytest.raises(UserError) as error:
+            train_script.train(quick(tmp_path / "run", "loss=dpo", "loss.beta=0.1", f"datasets=[{path}]"))
+        assert message in str(error.value), filename
+
+
+def test_mismatched_archive_is_explained(tmp_path):
+    other = load_model({"from_config": {"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 1,
+                                        "num_attention_heads": 4, "intermediate_size": 128}},
+                       build_char_tokenizer(), torch.float32)
+    torch.save({"step_idx": 0, "state": other.state_dict(), "metrics": {}}, tmp_path / "policy.pt")
+    with pytest.raises(UserError) as error:
+        train_script.train(quick(tmp_path / "run", f"model.archive={tmp_path / 'policy.pt'}"))
+    assert "does not fit model GPTNeoXForCausalLM" in str(error.value)
+    assert "missing keys" in str(error.value) and "shape mismatches" in str(error.value)
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "loss=dpo", "loss.beta=-1", f"local_run_dir={tmp_path}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: loss.beta must be a positive number (e.g. loss.beta=0.1), got -1"
