@@ -12,6 +12,7 @@ a checkpoint can hold tensors and plain values but never code that would run on 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import Any, Mapping, Optional
 
@@ -22,14 +23,48 @@ from dpo.errors import CheckpointError
 
 CHECKPOINT_FILES = ("policy.pt", "optimizer.pt", "scheduler.pt")
 
+# The reference implementation saved with transformers 4.x; since then some weights were renamed
+# (reference-format prefix -> current prefix). policy.pt keeps the reference's names so that its
+# code loads our checkpoints, and we read both.
+_REFERENCE_PREFIXES = {"GPTNeoXForCausalLM": {"embed_out.": "lm_head."}}
+# Buffers that transformers 4.x put in state dicts and later versions recompute instead.
+_RECOMPUTED_BUFFERS = re.compile(r"\.(attention\.bias|attention\.masked_bias|attn\.bias|attn\.masked_bias|"
+                                 r"rotary_emb\.inv_freq)$")
+
+
+def _renamed(state: Mapping[str, Any], prefixes: Mapping[str, str]) -> dict:
+    renamed = {}
+    for key, value in state.items():
+        for old, new in prefixes.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        renamed[key] = value
+    return renamed
+
+
+def to_reference_names(state: Mapping[str, Any], model: nn.Module) -> dict:
+    """`model`'s state dict under the parameter names the reference implementation's transformers used."""
+    current_to_reference = {new: old for old, new in _REFERENCE_PREFIXES.get(type(model).__name__, {}).items()}
+    return _renamed(state, current_to_reference)
+
+
+def to_current_names(state: Mapping[str, Any], model: nn.Module) -> dict:
+    """A state dict saved by any transformers version, renamed for `model`; stale buffers dropped."""
+    expected = model.state_dict()
+    state = _renamed(state, _REFERENCE_PREFIXES.get(type(model).__name__, {}))
+    return {key: value for key, value in state.items()
+            if key in expected or not _RECOMPUTED_BUFFERS.search(key)}
+
 
 def write_checkpoint(directory: str, step_idx: int, metrics: Mapping[str, Any],
                      states: Mapping[str, Mapping[str, Any]], hf_model: Optional[nn.Module] = None,
-                     tokenizer=None) -> None:
+                     tokenizer=None, hf_state: Optional[Mapping[str, Any]] = None) -> None:
     """Atomically write `{filename: state_dict}` as reference-format files into `directory`.
 
     With `hf_model`, the policy (and `tokenizer`) are also saved in Hugging Face format, so that
-    `AutoModelForCausalLM.from_pretrained(directory)` loads the result.
+    `AutoModelForCausalLM.from_pretrained(directory)` loads the result; its weights are `hf_state`
+    (default: `states["policy.pt"]`), which a parallel trainer gathers from its shards.
     """
     partial = directory.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)  # debris of a write that was killed
@@ -38,7 +73,7 @@ def write_checkpoint(directory: str, step_idx: int, metrics: Mapping[str, Any],
         payload = {"step_idx": step_idx, "state": state, "metrics": dict(metrics)}
         _save_synced(payload, os.path.join(partial, filename))
     if hf_model is not None:
-        hf_model.save_pretrained(partial, state_dict=states.get("policy.pt"))
+        hf_model.save_pretrained(partial, state_dict=hf_state if hf_state is not None else states.get("policy.pt"))
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
     _replace_directory(partial, directory)
@@ -88,6 +123,7 @@ def read_archive(path: str) -> dict:
 
 def load_policy_state(model: nn.Module, state: Mapping[str, Any], path: str) -> None:
     """Load `state` into `model`, explaining any mismatch of names or shapes in one sentence."""
+    state = to_current_names(state, model)
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]

@@ -20,7 +20,7 @@ import tqdm
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dpo.checkpoints import write_checkpoint
+from dpo.checkpoints import to_reference_names, write_checkpoint
 from dpo.logps import forward_logps
 from dpo.losses import PreferenceLoss
 from dpo.metrics import MetricsSink, mean_metrics
@@ -211,12 +211,13 @@ class BasicTrainer:
             self.sink.print("debug mode: not saving a checkpoint")
             return
         directory = output_dir or os.path.join(self.run_dir, "LATEST")
-        states = {"policy.pt": self.policy_state_dict(), "optimizer.pt": self.optimizer_state_dict(),
-                  "scheduler.pt": self.scheduler.state_dict()}
+        policy_state = self.policy_state_dict()
+        states = {"policy.pt": to_reference_names(policy_state, self.policy),
+                  "optimizer.pt": self.optimizer_state_dict(), "scheduler.pt": self.scheduler.state_dict()}
         if self.is_main_process:
             self.sink.print(f"writing checkpoint to {directory}")
-            write_checkpoint(directory, self.example_counter, metrics or {}, states,
-                             hf_model=self.policy if output_dir is None else None, tokenizer=self.tokenizer)
+            write_checkpoint(directory, self.example_counter, metrics or {}, states, tokenizer=self.tokenizer,
+                             hf_model=self.policy if output_dir is None else None, hf_state=policy_state)
 
     # ---- what parallel trainers override ---------------------------------------------------------
 

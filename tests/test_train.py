@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import train as train_script  # noqa: E402
 from dpo.batching import get_batch_iterator  # noqa: E402
+from dpo.checkpoints import to_current_names  # noqa: E402
 from dpo.errors import UserError  # noqa: E402
 from dpo.losses import build_loss  # noqa: E402
 from dpo.models import build_char_tokenizer, load_model  # noqa: E402
@@ -95,10 +96,12 @@ def test_sft_then_dpo_end_to_end(tmp_path):
             assert (sft_dir / checkpoint / filename).exists(), f"{checkpoint}/{filename}"
     archive = torch.load(sft_dir / "LATEST" / "policy.pt", weights_only=True)
     assert set(archive) == {"step_idx", "state", "metrics"} and archive["step_idx"] == 1024
+    assert "embed_out.weight" in archive["state"]  # the reference's (transformers 4) name for GPT-NeoX
     hf_model = AutoModelForCausalLM.from_pretrained(sft_dir / "LATEST")
     tokenizer = AutoTokenizer.from_pretrained(sft_dir / "LATEST")
+    archive_state = to_current_names(archive["state"], hf_model)
     for key, value in hf_model.state_dict().items():
-        torch.testing.assert_close(value, archive["state"][key])
+        torch.testing.assert_close(value, archive_state[key])
     assert tokenizer("reverse", add_special_tokens=False)["input_ids"] == build_char_tokenizer()(
         "reverse", add_special_tokens=False)["input_ids"]
     sft_records = read_metrics(sft_dir)
