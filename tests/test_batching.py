@@ -525,11 +525,11 @@ def test_shuffle_deterministic_for_seed(tmp_path, char_tok):
 
 
 def test_toy_dataset_iterator(char_tok):
-    # 256 test pairs: 8 full batches of 32.
+    # 256 test prompts with 2 pairs each: 16 full batches of 32.
     batches = collect(get_batch_iterator(["toy"], char_tok, split="test", batch_size=32, n_epochs=1, silent=True,
                                          max_length=64, max_prompt_length=48))
-    assert [n_rows(b) for b in batches] == [32] * 8
-    assert len(set(pair_ids(batches))) == 256
+    assert [n_rows(b) for b in batches] == [32] * 16
+    assert len(set(pair_ids(batches))) == 512
     assert all(b["dataset"] == ["toy"] * 32 for b in batches)
     # The toy prompts fit: nothing is truncated and every response ends with EOS.
     eos = char_tok.eos_token_id

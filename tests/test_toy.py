@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpo.data import dataset_source, get_dataset
-from dpo.data.toy import SPLIT_SIZES, ToyReversal, toy_prompt, toy_words
+from dpo.data.toy import ALPHABET, SPLIT_SIZES, ToyReversal, toy_prompt, toy_words
 from dpo.errors import DataError
 from dpo.models import build_char_tokenizer
 
@@ -54,8 +54,9 @@ def test_sizes(toy):
     assert SPLIT_SIZES == {"train": 4096, "test": 256}
     assert len(toy["train"]) == 4096
     assert len(toy["test"]) == 256
-    assert sum(len(ex["pairs"]) for ex in toy["train"].values()) == 4096
-    assert sum(len(ex["pairs"]) for ex in toy["test"].values()) == 256
+    # two pairs per prompt: reversal over copy, reversal over a near miss
+    assert sum(len(ex["pairs"]) for ex in toy["train"].values()) == 2 * 4096
+    assert sum(len(ex["pairs"]) for ex in toy["test"].values()) == 2 * 256
 
 
 def test_words_disjoint_distinct_no_palindromes(toy):
@@ -77,17 +78,18 @@ def test_prompts_in_hh_format(toy):
     assert toy_prompt("abc") == "\n\nHuman: reverse abc\n\nAssistant:"
 
 
-def test_pairs_prefer_reversal_over_copy(toy):
+def test_pairs_prefer_reversal_over_copy_and_over_a_near_miss(toy):
     for split in toy:
         for prompt, example in toy[split].items():
             word = word_of(prompt)
             responses = example["responses"]
-            assert example["pairs"], prompt
-            for chosen, rejected in example["pairs"]:
-                assert responses[chosen].strip() and responses[rejected].strip()
-                assert responses[chosen] != responses[rejected]
-                assert responses[chosen] == " " + word[::-1]
-                assert responses[rejected] == " " + word
+            assert len(example["pairs"]) == 2, prompt
+            (chosen, copy), (chosen_again, near) = example["pairs"]
+            assert responses[chosen] == responses[chosen_again] == " " + word[::-1]
+            assert responses[copy] == " " + word
+            near_miss = responses[near].strip()
+            assert len(near_miss) == len(word) and set(near_miss) <= set(ALPHABET)
+            assert sum(a != b for a, b in zip(near_miss, word[::-1])) == 1, (word, near_miss)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

@@ -109,7 +109,7 @@ def test_sft_then_dpo_end_to_end(tmp_path):
     assert {"loss/train", "logps_train/chosen", "grad_norm", "counters/updates"} <= set(sft_records[1])
 
     dpo_dir = tmp_path / "dpo"
-    final = train_script.train(quick(dpo_dir, "loss=dpo", "loss.beta=0.1", "n_examples=1024", "lr=3e-4",
+    final = train_script.train(quick(dpo_dir, "loss=dpo", "loss.beta=0.1", "n_examples=2048", "lr=3e-4",
                                      "warmup_steps=0", "eval_every=512", "n_eval_examples=256",
                                      f"model.archive={sft_dir / 'LATEST' / 'policy.pt'}"))
     records = read_metrics(dpo_dir)
@@ -121,10 +121,40 @@ def test_sft_then_dpo_end_to_end(tmp_path):
     for event, names in METRIC_NAMES.items():
         record = next(r for r in records if r["event"] == event and r["step"] > 0)
         assert set(names) <= set(record), set(names) - set(record)
-    # Held-out reward accuracy: 0 before training (all rewards tie), 0.93 measured after 1024 pairs.
-    assert final["rewards_eval/accuracies"] > 0.8
+    # Held-out reward accuracy: 0 before training (all rewards tie), chance is 0.5 +- 0.03 on 256
+    # pairs, 0.84 measured after 2048 pairs (half of them reversal vs near miss, the harder kind).
+    assert final["rewards_eval/accuracies"] > 0.75
     assert final["rewards_eval/margins"] > 0
-    assert records[-1]["event"] == "eval" and records[-1]["step"] == 1024
+    assert records[-1]["event"] == "eval" and records[-1]["step"] == 2048
+
+
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+HH_ROWS = SHARED / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+@pytest.mark.skipif(not (STORIES.exists() and HH_ROWS.exists()), reason="../shared (real model and data) is absent")
+def test_pretrained_local_model_directory_on_real_hh_rows(tmp_path):
+    """The real loading path: a pretrained Llama with a SentencePiece tokenizer from a local directory,
+    the real HH-RLHF file as a local dataset, and the reference's defaults (model=blank_model)."""
+    from transformers import AutoModelForCausalLM
+
+    config = make_config("model=blank_model", f"model.name_or_path={STORIES}", f"datasets=[{HH_ROWS}]", "loss=dpo",
+                         "loss.beta=0.1", "model.reference_dtype=bfloat16", "n_examples=16", "eval_every=8",
+                         "n_eval_examples=8", "eval_batch_size=4", "n_eval_model_samples=2", "max_length=256",
+                         "max_prompt_length=192", "lr=1e-4", "wandb.enabled=false", f"local_run_dir={tmp_path}")
+    assert (config.batch_size, config.optimizer) == (4, "RMSprop")
+    final = train_script.train(config)
+    first_eval = read_metrics(tmp_path)[0]
+    # bf16 reference vs fp32 policy: equal weights, so the margin is only rounding noise.
+    assert first_eval["loss/eval"] == pytest.approx(math.log(2), abs=0.05)
+    assert math.isfinite(final["loss/eval"]) and 0 <= final["rewards_eval/accuracies"] <= 1
+    archive = torch.load(tmp_path / "LATEST" / "policy.pt", weights_only=True)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "LATEST")
+    assert type(exported).__name__ == "LlamaForCausalLM"
+    for key, value in exported.state_dict().items():
+        torch.testing.assert_close(value, archive["state"][key])
+    assert (tmp_path / "step-8" / "policy.pt").exists()
 
 
 def test_reference_free_dpo_loads_no_reference_model(tmp_path):

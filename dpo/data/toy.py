@@ -47,6 +47,14 @@ def toy_words() -> dict[str, list[str]]:
     return {"train": ordered[:SPLIT_SIZES["train"]], "test": ordered[SPLIT_SIZES["train"]:]}
 
 
+def near_miss_reversal(word: str, rng: random.Random) -> str:
+    """The reversal of `word` with one letter replaced by another: almost right, still wrong."""
+    target = list(word[::-1])
+    position = rng.randrange(len(target))
+    target[position] = rng.choice([letter for letter in ALPHABET if letter != target[position]])
+    return "".join(target)
+
+
 @register_dataset
 class ToyReversal(PreferenceSource):
     """The embedded `toy` task: reverse a word; reversing is preferred over copying."""
@@ -57,12 +65,14 @@ class ToyReversal(PreferenceSource):
         if split not in SPLIT_SIZES:
             raise DataError(f"dataset toy has no split '{split}': use one of {', '.join(SPLIT_SIZES)}")
         data: PreferenceData = {}
+        rng = random.Random(SEED + len(split))
         for index, word in enumerate(toy_words()[split]):
             reversed_response, copied_response = " " + word[::-1], " " + word
+            near_miss = " " + near_miss_reversal(word, rng)
             demonstrator_is_right = index % 2 == 0
             data[toy_prompt(word)] = {
-                "responses": [reversed_response, copied_response],
-                "pairs": [(0, 1)],
+                "responses": [reversed_response, copied_response, near_miss],
+                "pairs": [(0, 1), (0, 2)],
                 "sft_target": reversed_response if demonstrator_is_right else copied_response,
             }
         return data
