@@ -64,7 +64,8 @@ def train(config: DictConfig) -> dict:
     if config.n_eval_examples > 0:
         eval_batches = list(get_batch_iterator(**data_options, split="test", batch_size=config.eval_batch_size,
                                                n_epochs=1, n_examples=config.n_eval_examples, drop_last=False))
-    judges = {name: source.judge for name in config.datasets if (source := dataset_source(name)).judge}
+    sources = {name: dataset_source(name) for name in config.datasets}
+    judges = {name: source.judge for name, source in sources.items() if source.judge is not None}
 
     policy, reference_model = load_models(config, tokenizer, loss.needs_reference, cache_dir)
     sink = MetricsSink(run_dir, enabled=True, run_name=config.exp_name,
