@@ -197,7 +197,11 @@ class BasicTrainer:
         max_new_tokens = max(1, self.config.max_length - input_ids.shape[1])
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        # A private random stream: sampling leaves training's stream untouched, and every eval
+        # samples with the same randomness, so evals (and policy vs reference) compare fairly.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed)
             output = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                     do_sample=True, pad_token_id=self.tokenizer.pad_token_id)
         model.train(was_training)

@@ -279,3 +279,18 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: loss.beta must be a positive number (e.g. loss.beta=0.1), got -1"
+
+
+def test_sampling_during_eval_leaves_the_training_random_stream_alone(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = build_char_tokenizer()
+    model = load_model(make_config().model, tokenizer, torch.float32)
+    batch = next(iter(get_batch_iterator(["toy"], tokenizer, batch_size=4, n_examples=4, max_length=64,
+                                         max_prompt_length=48)))
+    trainer = BasicTrainer(quick(tmp_path), model, tokenizer, build_loss({"name": "sft"}), [], [], str(tmp_path))
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = trainer.generate(model, batch)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert trainer.generate(model, batch) == first  # the same randomness at every eval
