@@ -231,7 +231,10 @@ class BasicTrainer:
         if self.reference_model is not None:
             self.reference_model.to(self.device)
         if self.config.activation_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            # transformers 5 renamed gradient_checkpointing_enable; keep working with 4.x.
+            enable = getattr(self.policy, "activation_checkpointing_enable", None) or \
+                self.policy.gradient_checkpointing_enable
+            enable()
 
     def clip_gradient(self) -> float:
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm).item()

@@ -178,11 +178,11 @@ def test_wandb_runs_offline_without_credentials(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    config = quick(tmp_path / "run", "wandb.enabled=true", "n_examples=64", "n_eval_examples=32",
-                   "sample_during_eval=false")
+    config = quick(tmp_path / "run", "wandb.enabled=true", "n_examples=64", "n_eval_examples=32")
     train_script.train(config)
     offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
+    assert list(offline_runs[0].glob("*.wandb"))  # the run's logged data, samples table included
 
 
 # ---- gradient accumulation ---------------------------------------------------------------------------
@@ -294,3 +294,29 @@ def test_sampling_during_eval_leaves_the_training_random_stream_alone(tmp_path):
     first = trainer.generate(model, batch)
     assert torch.equal(torch.rand(3), expected_next)
     assert trainer.generate(model, batch) == first  # the same randomness at every eval
+
+
+def test_debug_mode_writes_no_checkpoint_and_no_wandb(tmp_path):
+    train_script.train(quick(tmp_path, "debug=true", "wandb.enabled=true", "n_examples=64"))
+    assert not list(tmp_path.glob("step-*")) and not (tmp_path / "LATEST").exists()
+    assert not (tmp_path / "wandb").exists()
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path):
+    results = []
+    for checkpointing in ("false", "true"):
+        final = train_script.train(quick(tmp_path / checkpointing, f"activation_checkpointing={checkpointing}",
+                                         "n_examples=64", "sample_during_eval=false", "do_first_eval=false"))
+        results.append(final["loss/eval"])
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
+
+
+def test_activation_checkpointing_is_switched_on(tmp_path):
+    tokenizer = build_char_tokenizer()
+    model = load_model(make_config().model, tokenizer, torch.float32)
+    trainer = BasicTrainer(quick(tmp_path, "activation_checkpointing=true"), model, tokenizer,
+                           build_loss({"name": "sft"}), [], [], str(tmp_path))
+    policy = trainer.policy
+    assert policy.is_activation_checkpointing if hasattr(policy, "is_activation_checkpointing") \
+        else policy.is_gradient_checkpointing
