@@ -7,6 +7,7 @@ instead builds a fresh model from a config dict (e.g. the `tiny` model), with no
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Mapping, Optional
 
 import torch
@@ -46,7 +47,9 @@ def load_tokenizer(model_config: Mapping[str, Any], cache_dir: Optional[str] = N
     if name == CHAR_TOKENIZER:
         tokenizer = build_char_tokenizer()
     elif name:
-        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
+        key = "model.tokenizer_name_or_path" if model_config.get("tokenizer_name_or_path") else "model.name_or_path"
+        with _explained_load_errors(key, name):
+            tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
     else:
         raise ConfigError("model.tokenizer_name_or_path is required when model.name_or_path is null "
                           "(e.g. model.tokenizer_name_or_path=char)")
@@ -56,6 +59,17 @@ def load_tokenizer(model_config: Mapping[str, Any], cache_dir: Optional[str] = N
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
     return tokenizer
+
+
+@contextmanager
+def _explained_load_errors(key: str, name: str):
+    """Turn the many ways a hub or directory load fails (offline, typo, no weights) into one sentence."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"could not load {key}={name}: {reason}; give a Hugging Face hub name (online, or cached "
+                          "with HF_HUB_OFFLINE=1) or a local directory saved with save_pretrained") from None
 
 
 def torch_dtype(name: str, key: str) -> torch.dtype:
@@ -78,10 +92,11 @@ def load_model(model_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBa
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         name = model_config["name_or_path"]
-        config = AutoConfig.from_pretrained(name, cache_dir=cache_dir)
-        disable_config_dropout(config)
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=dtype,
-                                                     low_cpu_mem_usage=True)
+        with _explained_load_errors("model.name_or_path", name):
+            config = AutoConfig.from_pretrained(name, cache_dir=cache_dir)
+            disable_config_dropout(config)
+            model = AutoModelForCausalLM.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=dtype,
+                                                         low_cpu_mem_usage=True)
     disable_dropout(model)
     return model
 

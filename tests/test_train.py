@@ -320,3 +320,28 @@ def test_activation_checkpointing_is_switched_on(tmp_path):
     policy = trainer.policy
     assert policy.is_activation_checkpointing if hasattr(policy, "is_activation_checkpointing") \
         else policy.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("name_or_path", ["/nonexistent/model", "EMPTY_DIR"])
+def test_model_that_cannot_be_loaded_is_explained(tmp_path, name_or_path):
+    if name_or_path == "EMPTY_DIR":
+        name_or_path = str(tmp_path / "not_a_model")
+        os.makedirs(name_or_path)
+    with pytest.raises(UserError) as error:
+        train_script.train(quick(tmp_path / "run", "model=blank_model", f"model.name_or_path={name_or_path}"))
+    assert f"could not load model.name_or_path={name_or_path}: " in str(error.value)
+    assert "local directory saved with save_pretrained" in str(error.value)
+
+
+def test_hub_dataset_that_cannot_be_loaded_is_explained(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Anthropic/hh-rlhf' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError) as error:
+        train_script.train(quick(tmp_path / "run", "datasets=[hh]"))
+    assert str(error.value).startswith("could not load Anthropic/hh-rlhf (train split) from the Hugging Face hub: "
+                                       "Couldn't reach 'Anthropic/hh-rlhf' on the Hub")
+    assert "datasets=[/path/to/files]" in str(error.value)

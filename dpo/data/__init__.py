@@ -146,6 +146,18 @@ def add_pair(data: PreferenceData, prompt: str, chosen: str, rejected: str) -> N
         example["sft_target"] = chosen
 
 
+def load_hub_dataset(hub_name: str, split: str, cache_dir: Optional[str] = None):
+    """`datasets.load_dataset(hub_name, split=split)`, with a failure explained in one sentence."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
+    except Exception as error:  # network, auth and missing-split errors come in many types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"could not load {hub_name} ({split} split) from the Hugging Face hub: {reason}; check your "
+                        "network (or HF_HUB_OFFLINE and the cache), or use a local copy: datasets=[/path/to/files]") from None
+
+
 def _import_all_sources() -> None:
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")

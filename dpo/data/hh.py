@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Optional
 
-from dpo.data import PreferenceData, PreferenceSource, add_pair, register_dataset
+from dpo.data import PreferenceData, PreferenceSource, add_pair, load_hub_dataset, register_dataset
 from dpo.errors import DataError
 
 ASSISTANT_TAG = "\n\nAssistant:"
@@ -74,10 +74,8 @@ class HHSource(PreferenceSource):
     truncation_mode = "keep_end"
 
     def load(self, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> PreferenceData:
-        import datasets
-
         self.skipped.clear()
         if not silent:
             print(f"Loading HH dataset ({split} split) from Huggingface...")
-        dataset = datasets.load_dataset(HUB_NAME, split=split, cache_dir=cache_dir)
+        dataset = load_hub_dataset(HUB_NAME, split, cache_dir)
         return hh_rows_to_data(hub_rows(HUB_NAME, dataset, split), self.skipped)

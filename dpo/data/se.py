@@ -12,7 +12,7 @@ from collections import Counter
 from html.parser import HTMLParser
 from typing import Iterable, Optional
 
-from dpo.data import PreferenceData, PreferenceSource, register_dataset
+from dpo.data import PreferenceData, PreferenceSource, load_hub_dataset, register_dataset
 from dpo.errors import DataError
 
 HUB_NAME = "HuggingFaceH4/stack-exchange-preferences"
@@ -125,11 +125,9 @@ class SESource(PreferenceSource):
     truncation_mode = "keep_start"
 
     def load(self, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> PreferenceData:
-        import datasets
-
         check_split(split)
         self.skipped.clear()
         if not silent:
             print(f"Loading SE dataset ({split} split) from Huggingface...")
-        dataset = datasets.load_dataset(HUB_NAME, split="train", cache_dir=cache_dir)
+        dataset = load_hub_dataset(HUB_NAME, "train", cache_dir)
         return se_rows_to_data(select_split(dataset, split), self.skipped)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Optional
 
-from dpo.data import PreferenceData, PreferenceSource, register_dataset
+from dpo.data import PreferenceData, PreferenceSource, load_hub_dataset, register_dataset
 
 HUB_NAME = "stanfordnlp/SHP"
 MIN_SCORE_RATIO = 2
@@ -58,10 +58,8 @@ class SHPSource(PreferenceSource):
     truncation_mode = "keep_start"
 
     def load(self, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> PreferenceData:
-        import datasets
-
         self.skipped.clear()
         if not silent:
             print(f"Loading SHP dataset ({split} split) from Huggingface...")
-        dataset = datasets.load_dataset(HUB_NAME, split=split, cache_dir=cache_dir)
+        dataset = load_hub_dataset(HUB_NAME, split, cache_dir)
         return shp_rows_to_data(dataset, self.skipped)
