@@ -345,3 +345,13 @@ def test_hub_dataset_that_cannot_be_loaded_is_explained(tmp_path, monkeypatch):
     assert str(error.value).startswith("could not load Anthropic/hh-rlhf (train split) from the Hugging Face hub: "
                                        "Couldn't reach 'Anthropic/hh-rlhf' on the Hub")
     assert "datasets=[/path/to/files]" in str(error.value)
+
+
+def test_reference_module_name_still_imports():
+    import preference_datasets
+
+    from dpo.batching import get_batch_iterator as ours
+
+    assert preference_datasets.get_batch_iterator is ours
+    assert preference_datasets.extract_anthropic_prompt("\n\nHuman: hi\n\nAssistant: yo") == "\n\nHuman: hi\n\nAssistant:"
+    assert len(preference_datasets.get_dataset("toy", "test", silent=True)) == 256
