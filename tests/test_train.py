@@ -187,6 +187,16 @@ def test_wandb_runs_offline_without_credentials(tmp_path, monkeypatch):
 
 # ---- gradient accumulation ---------------------------------------------------------------------------
 
+def tiny_model_and_toy_batch(batch_size):
+    """The default tiny model (seed 0) and one toy batch of `batch_size` pairs."""
+    torch.manual_seed(0)
+    tokenizer = build_char_tokenizer()
+    model = load_model(make_config().model, tokenizer, torch.float32)
+    batch = next(iter(get_batch_iterator(["toy"], tokenizer, batch_size=batch_size, n_examples=batch_size,
+                                         max_length=64, max_prompt_length=48)))
+    return tokenizer, model, batch
+
+
 def _trainer_after_one_step(accumulation_steps, model, batch, tmp_path):
     config = OmegaConf.merge(quick(tmp_path), {"gradient_accumulation_steps": accumulation_steps, "batch_size": 8,
                                                "optimizer": "SGD", "lr": 0.1, "warmup_steps": 0, "max_grad_norm": 1e9})
@@ -196,11 +206,7 @@ def _trainer_after_one_step(accumulation_steps, model, batch, tmp_path):
 
 
 def test_gradient_accumulation_changes_nothing_but_memory(tmp_path):
-    torch.manual_seed(0)
-    tokenizer = build_char_tokenizer()
-    model = load_model(make_config().model, tokenizer, torch.float32)
-    batch = next(iter(get_batch_iterator(["toy"], tokenizer, batch_size=8, n_examples=8, max_length=64,
-                                         max_prompt_length=48)))
+    _, model, batch = tiny_model_and_toy_batch(8)
     # Different response lengths across the batch, so that micro-batches pad differently.
     assert len({len(r) for r in batch["chosen_response_only"]}) > 1
     whole, whole_metrics = _trainer_after_one_step(1, model, batch, tmp_path)
@@ -282,11 +288,7 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_sampling_during_eval_leaves_the_training_random_stream_alone(tmp_path):
-    torch.manual_seed(0)
-    tokenizer = build_char_tokenizer()
-    model = load_model(make_config().model, tokenizer, torch.float32)
-    batch = next(iter(get_batch_iterator(["toy"], tokenizer, batch_size=4, n_examples=4, max_length=64,
-                                         max_prompt_length=48)))
+    tokenizer, model, batch = tiny_model_and_toy_batch(4)
     trainer = BasicTrainer(quick(tmp_path), model, tokenizer, build_loss({"name": "sft"}), [], [], str(tmp_path))
     torch.manual_seed(123)
     expected_next = torch.rand(3)
@@ -313,8 +315,7 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path):
 
 
 def test_activation_checkpointing_is_switched_on(tmp_path):
-    tokenizer = build_char_tokenizer()
-    model = load_model(make_config().model, tokenizer, torch.float32)
+    tokenizer, model, _ = tiny_model_and_toy_batch(1)
     trainer = BasicTrainer(quick(tmp_path, "activation_checkpointing=true"), model, tokenizer,
                            build_loss({"name": "sft"}), [], [], str(tmp_path))
     policy = trainer.policy
