@@ -1,43 +1,48 @@
 """Config checks that run before anything is loaded, so that every bad value costs seconds, not a model load.
 
-`validate_config` raises `ConfigError` with one sentence naming the key and the fix; it also builds
-the loss module (whose constructor checks its own settings) and returns it.
+`validate_config` raises `ConfigError` with one sentence naming the key and the fix. The loss
+module's constructor checks the `loss.*` settings (`dpo.losses.build_loss`).
 """
 
 from __future__ import annotations
 
 import getpass
+import math
 import os
+from collections import Counter
 from datetime import datetime
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.data import dataset_source
 from dpo.errors import ConfigError
-from dpo.losses import PreferenceLoss, build_loss
 from dpo.models import torch_dtype
 
 _POSITIVE_INTEGERS = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length",
                       "max_prompt_length", "eval_every")
 _NON_NEGATIVE_INTEGERS = ("n_eval_examples", "n_eval_model_samples", "warmup_steps")
+_FLAGS = ("debug", "do_first_eval", "sample_during_eval", "activation_checkpointing", "overwrite_run_dir",
+          "wandb.enabled")
+NAN_POLICIES = ("stop", "skip")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
 
 def get_local_dir(prefixes: list[str]) -> str:
-    """`<first existing prefix>/<user>`, creating the last prefix if none exists (as the reference)."""
-    for prefix in prefixes:
-        if os.path.exists(prefix):
-            return os.path.join(prefix, getpass.getuser())
-    os.makedirs(prefixes[-1], exist_ok=True)
-    return os.path.join(prefixes[-1], getpass.getuser())
+    """`<first existing prefix>/<user>`, else `<last prefix>/<user>`; nothing is created until something is written."""
+    prefix = next((prefix for prefix in prefixes if os.path.exists(prefix)), prefixes[-1])
+    return os.path.join(prefix, getpass.getuser())
 
 
 def get_local_run_dir(exp_name: str, local_dirs: list[str]) -> str:
-    """A new run directory `<local dir>/<exp_name>_<timestamp>` (the `${get_local_run_dir:...}` resolver)."""
+    """A new run directory name `<local dir>/<exp_name>_<timestamp>` (the `${get_local_run_dir:...}` resolver).
+
+    It only names the directory: `dpo.rundir.open_run_dir` creates it once the data has been checked.
+    Each evaluation gives a new timestamp, so `train` resolves the config once, first.
+    """
     timestamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-    run_dir = os.path.join(get_local_dir(list(local_dirs)), f"{exp_name}_{timestamp}")
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir
+    return os.path.join(get_local_dir(list(local_dirs)), f"{exp_name}_{timestamp}")
 
 
 def register_resolvers() -> None:
@@ -45,13 +50,22 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("get_local_run_dir", get_local_run_dir)
 
 
-def validate_config(config: DictConfig) -> PreferenceLoss:
-    """Check every value `train.py` relies on; return the configured loss module."""
+def validate_config(config: DictConfig) -> None:
+    """Check every value `train.py` relies on, before anything is loaded; warn about suspicious ones.
+
+    It also rounds `eval_every` down to a multiple of `batch_size` (with a warning), the one
+    value it adjusts. Loss settings are checked by `build_loss`.
+    """
     _check_missing(config)
+    _check_known_keys(config)
     for key in _POSITIVE_INTEGERS:
         _check_integer(config, key, minimum=1)
     for key in _NON_NEGATIVE_INTEGERS:
         _check_integer(config, key, minimum=0)
+    _check_integer(config, "seed", minimum=0, maximum=2**32 - 1)  # numpy's seed range
+    for key in _FLAGS:
+        if not isinstance(OmegaConf.select(config, key), bool):
+            raise ConfigError(f"{key} must be true or false, got {OmegaConf.select(config, key)!r}")
     if config.batch_size % config.gradient_accumulation_steps:
         raise ConfigError(f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps="
                           f"{config.gradient_accumulation_steps} (each micro-batch holds the same number of examples)")
@@ -63,8 +77,12 @@ def validate_config(config: DictConfig) -> PreferenceLoss:
     for key in ("n_epochs", "n_examples"):
         if config[key] is not None:
             _check_integer(config, key, minimum=1)
-    if not isinstance(config.lr, (int, float)) or config.lr <= 0:
-        raise ConfigError(f"lr must be a positive number, got {config.lr!r}")
+    _check_number(config, "lr", "a positive number (e.g. lr=5e-7)", lambda value: value > 0)
+    _check_number(config, "minimum_log_interval_secs", "a non-negative number of seconds", lambda value: value >= 0)
+    if config.max_grad_norm is not None:
+        _check_number(config, "max_grad_norm", "a positive number, or null for no clipping", lambda value: value > 0)
+    if config.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"nan_policy={config.nan_policy} is not valid: use {' or '.join(NAN_POLICIES)}")
     _check_optimizer(config.optimizer)
     _check_trainer(config.trainer)
     torch_dtype(config.model.policy_dtype, "model.policy_dtype")
@@ -73,7 +91,15 @@ def validate_config(config: DictConfig) -> PreferenceLoss:
         raise ConfigError("model.name_or_path is required: a hub name or local directory "
                           "(or choose a model config, e.g. model=pythia28 or model=tiny)")
     _check_datasets(config.datasets)
-    return build_loss(OmegaConf.to_container(config.loss, resolve=True))
+    _round_eval_every(config)
+
+
+def _round_eval_every(config: DictConfig) -> None:
+    if config.eval_every % config.batch_size:
+        adjusted = max(config.batch_size, config.eval_every - config.eval_every % config.batch_size)
+        print(f"warning: eval_every={config.eval_every} is not a multiple of batch_size={config.batch_size}; "
+              f"using eval_every={adjusted}")
+        config.eval_every = adjusted
 
 
 def _check_missing(config: DictConfig) -> None:
@@ -87,11 +113,36 @@ def _check_missing(config: DictConfig) -> None:
                       f"pass it on the command line, e.g. {example}")
 
 
-def _check_integer(config: DictConfig, key: str, minimum: int) -> None:
+def _check_known_keys(config: DictConfig) -> None:
+    """Refuse keys that no config file defines (e.g. `+resume=true`): they would be silently ignored."""
+    _check_keys_defined_in(config, "config.yaml", prefix="", also={"model", "loss"})
+    _check_keys_defined_in(config.model, os.path.join("model", "blank_model.yaml"), prefix="model.")
+
+
+def _check_keys_defined_in(node: DictConfig, schema_file: str, prefix: str, also: frozenset = frozenset()) -> None:
+    path = os.path.join(CONFIG_DIR, schema_file)
+    if not os.path.isfile(path):  # an installed package without the config folder: nothing to compare with
+        return
+    known = set(OmegaConf.load(path)) - {"defaults", "hydra"} | set(also)
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]} is not a config key (the valid keys are in config/{schema_file}); "
+                          "remove it or fix its spelling")
+
+
+def _check_integer(config: DictConfig, key: str, minimum: int, maximum: Optional[int] = None) -> None:
     value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        bound = "a positive" if minimum == 1 else "a non-negative"
-        raise ConfigError(f"{key} must be {bound} integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
+        bound = {0: "a non-negative", 1: "a positive"}[minimum]
+        limit = f" at most {maximum}" if maximum else ""
+        raise ConfigError(f"{key} must be {bound} integer{limit}, got {value!r}")
+
+
+def _check_number(config: DictConfig, key: str, wanted: str, in_range: Callable[[float], bool]) -> None:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not in_range(value):
+        raise ConfigError(f"{key} must be {wanted}, got {value!r}")
 
 
 def _check_optimizer(name: str) -> None:
@@ -114,3 +165,7 @@ def _check_datasets(names) -> None:
         raise ConfigError(f"datasets must be a non-empty list, e.g. datasets=[hh] or datasets=[hh,shp]; got {names!r}")
     for name in names:
         dataset_source(str(name))
+    for name, count in Counter(str(name) for name in names).items():
+        if count > 1:
+            print(f"warning: datasets lists {name} {count} times, so each of its examples is used {count} times "
+                  "per epoch; list it once unless you mean to up-weight it")

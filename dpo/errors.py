@@ -19,3 +19,12 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable or does not fit the model."""
+
+
+class RunDirError(UserError):
+    """The run directory cannot be created, written, or is already in use."""
+
+
+class TrainingError(UserError):
+    """Training went bad (a non-finite loss or gradient) and was stopped before it could do harm."""
+

@@ -93,6 +93,12 @@ def register_loss(cls: type[PreferenceLoss]) -> type[PreferenceLoss]:
     return cls
 
 
+# Settings of other losses that are harmless at the value that switches them off. The reference's only
+# working IPO command is `loss=dpo loss.name=ipo`, which carries dpo.yaml's `label_smoothing: 0` along.
+_SWITCHED_OFF = {"label_smoothing": lambda value: value == 0 and not isinstance(value, bool),
+                 "reference_free": lambda value: value is False}
+
+
 def build_loss(config: Mapping[str, Any]) -> PreferenceLoss:
     """Build the loss named `config['name']` from the other keys of `config` (the `loss.*` config)."""
     params = dict(config)
@@ -103,6 +109,8 @@ def build_loss(config: Mapping[str, Any]) -> PreferenceLoss:
     settings = {name: spec for name, spec in inspect.signature(cls.__init__).parameters.items()
                 if name != "self" and spec.kind not in (spec.VAR_POSITIONAL, spec.VAR_KEYWORD)}
     accepted = list(settings)
+    params = {key: value for key, value in params.items()
+              if key in accepted or not _SWITCHED_OFF.get(key, lambda value: False)(value)}
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ConfigError(

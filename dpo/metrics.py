@@ -17,6 +17,9 @@ from typing import Any, Mapping, Optional
 
 import tqdm
 
+from dpo.errors import RunDirError
+from dpo.rundir import describe_os_error
+
 
 def mean_metrics(lists: Mapping[str, list]) -> dict[str, float]:
     """Average each metric's per-example values, as the reference does before logging."""
@@ -62,8 +65,7 @@ class MetricsSink:
         if not self.enabled:
             return
         record = {"event": event, "step": step, "time": time.time(), **_plain(metrics)}
-        with open(self.jsonl_path, "a") as file:
-            file.write(json.dumps(record) + "\n")
+        _append_lines(self.jsonl_path, [json.dumps(record)])
         if echo:
             self.print(f"{event} stats after {step} examples: {format_metrics(metrics)}")
             if self.wandb is not None:
@@ -73,9 +75,8 @@ class MetricsSink:
         """Eval samples: appended to samples.jsonl, and to wandb as a table."""
         if not self.enabled or not rows:
             return
-        with open(os.path.join(os.path.dirname(self.jsonl_path), "samples.jsonl"), "a") as file:
-            for row in rows:
-                file.write(json.dumps({"step": step, **row}) + "\n")
+        _append_lines(os.path.join(os.path.dirname(self.jsonl_path), "samples.jsonl"),
+                      [json.dumps({"step": step, **row}) for row in rows])
         if self.wandb is not None:
             columns = list(rows[0])
             table = self.wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
@@ -89,6 +90,14 @@ class MetricsSink:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def _append_lines(path: str, lines: list[str]) -> None:
+    try:
+        with open(path, "a") as file:
+            file.write("".join(line + "\n" for line in lines))
+    except OSError as error:
+        raise RunDirError(f"cannot write {path}: {describe_os_error(error)}") from None
 
 
 def _plain(metrics: Mapping[str, Any]) -> dict:

@@ -72,11 +72,15 @@ def _explained_load_errors(key: str, name: str):
                           "with HF_HUB_OFFLINE=1) or a local directory saved with save_pretrained") from None
 
 
+# Models are trained and run in these; float8 and the like need scaling recipes this project does not have.
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def torch_dtype(name: str, key: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"{key}={name} is not a floating-point torch dtype: use float32, bfloat16 or float16")
-    return dtype
+    if str(name) not in MODEL_DTYPES:
+        raise ConfigError(f"{key}={name} is not a supported model dtype: use float32, bfloat16 or float16 "
+                          "(or float64)")
+    return getattr(torch, str(name))
 
 
 def load_model(model_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype,

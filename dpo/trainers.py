@@ -8,6 +8,7 @@ parallelism changes: `clip_gradient`, `gather`, the state dicts and the process 
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -21,9 +22,14 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dpo.checkpoints import to_reference_names, write_checkpoint
+from dpo.errors import RunDirError, TrainingError
 from dpo.logps import forward_logps
 from dpo.losses import PreferenceLoss
 from dpo.metrics import MetricsSink, mean_metrics
+from dpo.rundir import describe_os_error, newest_checkpoint
+
+# With nan_policy=skip, this many non-finite steps in a row mean the model will not recover: stop.
+MAX_CONSECUTIVE_SKIPS = 10
 
 Judge = Callable[[str, str], float]
 
@@ -67,6 +73,8 @@ class BasicTrainer:
         self.sink = sink or MetricsSink(run_dir, enabled=self.is_main_process)
         self.example_counter = 0
         self.batch_counter = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.place_models()
         self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
@@ -83,26 +91,29 @@ class BasicTrainer:
         seed_everything(self.config.seed)
         if self.reference_model is not None:
             self.reference_model.eval()
-        progress = tqdm.tqdm(total=self.config.n_examples, unit="ex", desc="train",
-                             disable=not self.is_main_process, dynamic_ncols=True)
         last_log = None
-        for batch in self.train_batches:
-            if self.example_counter % self.config.eval_every == 0 and (
-                    self.example_counter > 0 or self.config.do_first_eval):
-                metrics = self.evaluate()
-                if self.example_counter > 0:
-                    self.save(os.path.join(self.run_dir, f"step-{self.example_counter}"), metrics)
-            metrics = self.train_step(batch)
-            progress.update(batch_size_of(batch))
-            show = last_log is None or time.time() - last_log > self.config.minimum_log_interval_secs
-            self.sink.log(metrics, self.example_counter, "train", echo=show)
-            if show:
-                last_log = time.time()
-        progress.close()
+        with tqdm.tqdm(total=self.config.n_examples, unit="ex", desc="train", disable=not self.is_main_process,
+                       dynamic_ncols=True) as progress:
+            for batch in self.train_batches:
+                if self.example_counter % self.config.eval_every == 0 and (
+                        self.example_counter > 0 or self.config.do_first_eval):
+                    metrics = self.evaluate()
+                    if self.example_counter > 0:
+                        self.save(os.path.join(self.run_dir, f"step-{self.example_counter}"), metrics)
+                metrics = self.train_step(batch)
+                progress.update(batch_size_of(batch))
+                show = last_log is None or time.time() - last_log > self.config.minimum_log_interval_secs
+                self.sink.log(metrics, self.example_counter, "train", echo=show)
+                if show:
+                    last_log = time.time()
         return self.evaluate()
 
     def train_step(self, batch: dict) -> dict:
-        """One optimizer step on `batch`, split into `gradient_accumulation_steps` micro-batches."""
+        """One optimizer step on `batch`, split into `gradient_accumulation_steps` micro-batches.
+
+        A non-finite loss or gradient norm never reaches the weights: the run stops (or, with
+        `nan_policy=skip`, the step is skipped) before the optimizer sees it.
+        """
         self.policy.train()
         start = time.time()
         steps = self.config.gradient_accumulation_steps
@@ -116,16 +127,51 @@ class BasicTrainer:
             for key, values in metrics.items():
                 lists[key].extend(values)
         grad_norm = self.clip_gradient()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.batch_counter += 1
-        self.example_counter += size
         metrics = mean_metrics(lists)
+        if self.step_is_finite(metrics["loss/train"], grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.batch_counter += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.example_counter += size
         metrics.update({"examples_per_second": size / (time.time() - start), "grad_norm": grad_norm,
                         "lr": self.scheduler.get_last_lr()[0], "counters/examples": self.example_counter,
-                        "counters/updates": self.batch_counter})
+                        "counters/updates": self.batch_counter, "counters/skipped_steps": self.skipped_steps})
         return metrics
+
+    def step_is_finite(self, loss: float, grad_norm: float) -> bool:
+        """True if the step may be applied; False if it is to be skipped (`nan_policy=skip`).
+
+        Raises TrainingError to stop the run: under `nan_policy=stop`, or after
+        `MAX_CONSECUTIVE_SKIPS` skipped steps in a row (the model no longer recovers).
+        """
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.consecutive_skips = 0
+            return True
+        problem = f"loss/train is {loss}" if not math.isfinite(loss) else f"grad_norm is {grad_norm}"
+        where = f"the step after {self.example_counter} examples"
+        if self.config.nan_policy == "skip" and self.consecutive_skips < MAX_CONSECUTIVE_SKIPS:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            self.sink.print(f"warning: {where}: {problem}; skipping that step (nan_policy=skip)")
+            return False
+        if self.consecutive_skips:
+            problem += f" for {MAX_CONSECUTIVE_SKIPS + 1} steps in a row"
+        raise TrainingError(f"training stopped at {where}: {problem}; {self.divergence_advice()}; "
+                            f"that step was not applied and {self.last_checkpoint_note()}")
+
+    def divergence_advice(self) -> str:
+        """The likely cause of non-finite values, and the fix."""
+        if self.config.model.policy_dtype == "float16":
+            return ("float16 likely overflowed (model.policy_dtype=float16, which needs loss scaling): use bfloat16 "
+                    f"or float32, or lower the learning rate (lr={self.config.lr}), or set nan_policy=skip to skip "
+                    "such steps")
+        return f"the learning rate is likely too high (lr={self.config.lr}): lower it, or set nan_policy=skip " \
+               "to skip such steps"
+
+    def last_checkpoint_note(self) -> str:
+        checkpoint = newest_checkpoint(self.run_dir)
+        return f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
 
     def batch_metrics(self, batch: dict, train: bool) -> tuple[Tensor, dict[str, list[float]]]:
         """(mean loss, per-example metric values) of `batch` under the configured loss."""
@@ -157,6 +203,10 @@ class BasicTrainer:
                 _, metrics = self.batch_metrics(batch, train=False)
             for key, values in metrics.items():
                 lists[key].extend(values)
+        loss = mean_metrics(lists).get("loss/eval", 0.0)
+        if not math.isfinite(loss):  # sampling from such a model would fail with a torch error
+            raise TrainingError(f"evaluation after {self.example_counter} examples gives loss/eval {loss}, so the "
+                                f"weights are broken; {self.divergence_advice()}; {self.last_checkpoint_note()}")
         if self.config.sample_during_eval:
             lists.update(self.sample_and_judge())
         metrics = mean_metrics(lists)
@@ -216,12 +266,24 @@ class BasicTrainer:
             return
         directory = output_dir or os.path.join(self.run_dir, "LATEST")
         policy_state = self.policy_state_dict()
+        bad = next((name for name, value in policy_state.items()
+                    if value.is_floating_point() and not torch.isfinite(value).all()), None)
+        if bad is not None:
+            raise TrainingError(f"not writing {directory}: the policy's {bad} holds non-finite values; "
+                                f"{self.divergence_advice()}; {self.last_checkpoint_note()}")
         states = {"policy.pt": to_reference_names(policy_state, self.policy),
                   "optimizer.pt": self.optimizer_state_dict(), "scheduler.pt": self.scheduler.state_dict()}
         if self.is_main_process:
             self.sink.print(f"writing checkpoint to {directory}")
-            write_checkpoint(directory, self.example_counter, metrics or {}, states, tokenizer=self.tokenizer,
-                             hf_model=self.policy if output_dir is None else None, hf_state=policy_state)
+            try:
+                write_checkpoint(directory, self.example_counter, metrics or {}, states, tokenizer=self.tokenizer,
+                                 hf_model=self.policy if output_dir is None else None, hf_state=policy_state)
+            except (OSError, RuntimeError) as error:
+                # torch.save reports a failed write (a full disk) as a RuntimeError raised while handling the OSError.
+                os_error = error if isinstance(error, OSError) else error.__context__
+                if not isinstance(os_error, OSError):
+                    raise
+                raise RunDirError(f"cannot write checkpoint {directory}: {describe_os_error(os_error)}") from None
 
     # ---- what parallel trainers override ---------------------------------------------------------
 
@@ -237,7 +299,9 @@ class BasicTrainer:
             enable()
 
     def clip_gradient(self) -> float:
-        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm).item()
+        """Clip to `max_grad_norm` (null: no clipping); return the norm before clipping."""
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
 
     def gather(self, values: Tensor) -> list[float]:
         """Per-example values from every process, as floats (one process here)."""

@@ -239,7 +239,23 @@ def _write_lines(path, lines):
     (["batch_size=10", "gradient_accumulation_steps=4"], "batch_size=10 must be divisible by gradient_accumulation_steps=4"),
     (["max_prompt_length=64"], "max_prompt_length=64 must be below max_length=64"),
     (["n_epochs=null", "n_examples=null"], "set n_epochs or n_examples"),
-    (["model.policy_dtype=float31"], "model.policy_dtype=float31 is not a floating-point torch dtype"),
+    (["model.policy_dtype=float31"], "model.policy_dtype=float31 is not a supported model dtype"),
+    (["model.policy_dtype=float8_e4m3fn"], "model.policy_dtype=float8_e4m3fn is not a supported model dtype: use "
+                                           "float32, bfloat16 or float16"),
+    (["seed=abc"], "seed must be a non-negative integer at most 4294967295, got 'abc'"),
+    (["seed=-1"], "seed must be a non-negative integer at most 4294967295, got -1"),
+    (["lr=true"], "lr must be a positive number (e.g. lr=5e-7), got True"),
+    (["lr=nan"], "lr must be a positive number (e.g. lr=5e-7), got nan"),
+    (["lr=inf"], "lr must be a positive number (e.g. lr=5e-7), got inf"),
+    (["max_grad_norm=-1"], "max_grad_norm must be a positive number, or null for no clipping, got -1"),
+    (["max_grad_norm=0"], "max_grad_norm must be a positive number, or null for no clipping, got 0"),
+    (["max_grad_norm=abc"], "max_grad_norm must be a positive number, or null for no clipping, got 'abc'"),
+    (["minimum_log_interval_secs=abc"], "minimum_log_interval_secs must be a non-negative number of seconds"),
+    (["debug=abc"], "debug must be true or false, got 'abc'"),
+    (["wandb.enabled=1"], "wandb.enabled must be true or false, got 1"),
+    (["nan_policy=ignore"], "nan_policy=ignore is not valid: use stop or skip"),
+    (["+resume=true"], "resume is not a config key (the valid keys are in config/config.yaml); remove it"),
+    (["+model.archiv=x.pt"], "model.archiv is not a config key (the valid keys are in config/model/blank_model.yaml)"),
     (["datasets=[/nonexistent/prefs.jsonl]"], "dataset path /nonexistent/prefs.jsonl does not exist"),
     (["model.archive=/nonexistent/policy.pt"], "model.archive=/nonexistent/policy.pt does not exist"),
     (["model=blank_model"], "model.name_or_path is required"),
@@ -248,6 +264,7 @@ def test_bad_config_gets_one_clear_message(tmp_path, overrides, message):
     with pytest.raises(UserError) as error:
         train_script.train(quick(tmp_path / "run", *overrides))
     assert message in str(error.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_bad_data_gets_one_clear_message(tmp_path):
@@ -356,3 +373,45 @@ def test_reference_module_name_still_imports():
     assert preference_datasets.get_batch_iterator is ours
     assert preference_datasets.extract_anthropic_prompt("\n\nHuman: hi\n\nAssistant: yo") == "\n\nHuman: hi\n\nAssistant:"
     assert len(preference_datasets.get_dataset("toy", "test", silent=True)) == 256
+
+
+# ---- settings the reference accepts, and settings that would train silently wrong ---------------------------
+
+
+def test_the_reference_ipo_command_runs_ipo():
+    from dpo.config import validate_config
+    from dpo.losses import IPOLoss
+
+    config = make_config("loss=dpo", "loss.name=ipo", "loss.beta=0.1")  # the reference's only working IPO form
+    validate_config(config)
+    loss = build_loss(OmegaConf.to_container(config.loss))
+    assert type(loss) is IPOLoss and loss.beta == 0.1 and loss.needs_reference
+    with pytest.raises(UserError, match="loss.label_smoothing is not a setting of loss 'ipo': its settings are beta, "
+                                        "reference_free"):
+        build_loss(OmegaConf.to_container(make_config("loss=dpo", "loss.name=ipo", "loss.beta=0.1",
+                                                      "loss.label_smoothing=0.1").loss))
+
+
+def test_a_dataset_listed_twice_is_warned_about(capsys):
+    from dpo.config import validate_config
+
+    validate_config(make_config("datasets=[toy,toy]"))
+    assert capsys.readouterr().out == ("warning: datasets lists toy 2 times, so each of its examples is used 2 times "
+                                       "per epoch; list it once unless you mean to up-weight it\n")
+
+
+def test_max_grad_norm_null_means_no_clipping(tmp_path):
+    tokenizer, model, batch = tiny_model_and_toy_batch(8)
+    norms_after = {}
+    for max_grad_norm in (None, 1e-3):
+        config = OmegaConf.merge(quick(tmp_path), {"max_grad_norm": max_grad_norm, "batch_size": 8})
+        trainer = BasicTrainer(config, copy.deepcopy(model), tokenizer, build_loss({"name": "sft"}), [], [],
+                               str(tmp_path))
+        trainer.batch_metrics(batch, train=True)[0].backward()
+        before = torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]).clone()
+        norm = trainer.clip_gradient()
+        after = torch.cat([p.grad.flatten() for p in trainer.policy.parameters()])
+        assert norm == pytest.approx(before.norm().item(), rel=1e-4)  # the norm before clipping is reported
+        norms_after[max_grad_norm] = after.norm().item()
+    assert norms_after[None] == pytest.approx(norm, rel=1e-4)  # untouched
+    assert norms_after[1e-3] == pytest.approx(1e-3, rel=1e-3)  # clipped
