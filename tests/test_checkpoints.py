@@ -517,6 +517,12 @@ def models_config(archive, **model_overrides):
         "reference_dtype": "bfloat16", **model_overrides}})
 
 
+def load_models(config, tokenizer, needs_reference: bool, cache_dir: str):
+    """train.load_models, given the archive as train.train reads it from model.archive."""
+    archive = read_archive(config.model.archive) if config.model.archive else None
+    return train.load_models(config, tokenizer, needs_reference, cache_dir, archive)
+
+
 def test_load_models_from_archive(tmp_path, tokenizer, capsys):
     trained = tiny_model(seed=12)
     directory = tmp_path / "LATEST"
@@ -525,8 +531,8 @@ def test_load_models_from_archive(tmp_path, tokenizer, capsys):
     initial = tiny_model(seed=0).state_dict()  # what load_models would build without the archive
     assert not torch.equal(initial["lm_head.weight"], expected["lm_head.weight"])
 
-    policy, reference = train.load_models(models_config(directory / "policy.pt"), tokenizer,
-                                          needs_reference=True, cache_dir=str(tmp_path))
+    policy, reference = load_models(models_config(directory / "policy.pt"), tokenizer,
+                                    needs_reference=True, cache_dir=str(tmp_path))
     assert "step 640" in capsys.readouterr().out
     assert_states_equal(policy.state_dict(), expected)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in policy.parameters())
@@ -541,15 +547,15 @@ def test_load_models_from_archive(tmp_path, tokenizer, capsys):
     # the two models share no storage: training the policy must not move the reference
     assert not {p.data_ptr() for p in policy.parameters()} & {p.data_ptr() for p in reference.parameters()}
 
-    policy_only, none = train.load_models(models_config(directory / "policy.pt"), tokenizer,
-                                          needs_reference=False, cache_dir=str(tmp_path))
+    policy_only, none = load_models(models_config(directory / "policy.pt"), tokenizer,
+                                    needs_reference=False, cache_dir=str(tmp_path))
     assert none is None
     assert_states_equal(policy_only.state_dict(), expected)
 
 
 def test_load_models_without_archive_and_with_a_bad_one(tmp_path, tokenizer):
-    policy, reference = train.load_models(models_config(None, reference_dtype="float32"), tokenizer,
-                                          needs_reference=True, cache_dir=str(tmp_path))
+    policy, reference = load_models(models_config(None, reference_dtype="float32"), tokenizer,
+                                    needs_reference=True, cache_dir=str(tmp_path))
     assert_states_equal(policy.state_dict(), tiny_model(seed=0).state_dict())
     assert_states_equal(reference.state_dict(), policy.state_dict())
     assert all(not p.requires_grad for p in reference.parameters())
@@ -558,10 +564,10 @@ def test_load_models_without_archive_and_with_a_bad_one(tmp_path, tokenizer):
     torch.save({"step_idx": 1, "state": tiny_model(seed=1, hidden_size=48).state_dict(), "metrics": {}},
                str(wrong))
     with pytest.raises(CheckpointError, match="shape mismatches"):
-        train.load_models(models_config(wrong), tokenizer, needs_reference=True, cache_dir=str(tmp_path))
+        load_models(models_config(wrong), tokenizer, needs_reference=True, cache_dir=str(tmp_path))
     with pytest.raises(CheckpointError, match="does not exist"):
-        train.load_models(models_config(tmp_path / "missing.pt"), tokenizer, needs_reference=False,
-                          cache_dir=str(tmp_path))
+        load_models(models_config(tmp_path / "missing.pt"), tokenizer, needs_reference=False,
+                    cache_dir=str(tmp_path))
 
 
 def test_load_models_from_a_local_hf_directory_and_archive(tmp_path, tokenizer):
@@ -574,10 +580,280 @@ def test_load_models_from_a_local_hf_directory_and_archive(tmp_path, tokenizer):
 
     config = models_config(tmp_path / "trained" / "policy.pt", name_or_path=str(tmp_path / "base"),
                            from_config=None)
-    policy, reference = train.load_models(config, tokenizer, needs_reference=True, cache_dir=str(tmp_path))
+    policy, reference = load_models(config, tokenizer, needs_reference=True, cache_dir=str(tmp_path))
     expected = trained.state_dict()
     assert_states_equal({k: v for k, v in policy.state_dict().items() if k in expected}, expected)
     for key, value in expected.items():
         assert torch.equal(reference.state_dict()[key], value.to(torch.bfloat16)), key
     assert all(not p.requires_grad for p in reference.parameters())
     assert all(p.requires_grad for p in policy.parameters())
+
+
+# ---- 7. transformers 4.29.2 (the reference's pin) reads what we write, and we read what it writes ---
+# scripts/check_reference_interop.sh runs 4.29.2 itself; these tests pin the layout it needs.
+
+ARCHITECTURES = {  # one layer each, in config keys both 4.29.2 and 5.x read
+    "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                 "intermediate_size": 64, "max_position_embeddings": 64, "rotary_pct": 0.5},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 64},
+    "gptj": {"model_type": "gptj", "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 64, "rotary_dim": 4},
+    "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "max_position_embeddings": 64},
+}
+# The state-dict keys of these models under transformers 4.29.2, as it printed them.
+KEYS_IN_4_29_2 = {
+    "gpt_neox": [
+        "gpt_neox.embed_in.weight",
+        "gpt_neox.layers.0.input_layernorm.weight", "gpt_neox.layers.0.input_layernorm.bias",
+        "gpt_neox.layers.0.post_attention_layernorm.weight", "gpt_neox.layers.0.post_attention_layernorm.bias",
+        "gpt_neox.layers.0.attention.bias", "gpt_neox.layers.0.attention.masked_bias",
+        "gpt_neox.layers.0.attention.rotary_emb.inv_freq",
+        "gpt_neox.layers.0.attention.query_key_value.weight", "gpt_neox.layers.0.attention.query_key_value.bias",
+        "gpt_neox.layers.0.attention.dense.weight", "gpt_neox.layers.0.attention.dense.bias",
+        "gpt_neox.layers.0.mlp.dense_h_to_4h.weight", "gpt_neox.layers.0.mlp.dense_h_to_4h.bias",
+        "gpt_neox.layers.0.mlp.dense_4h_to_h.weight", "gpt_neox.layers.0.mlp.dense_4h_to_h.bias",
+        "gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias",
+        "embed_out.weight"],
+    "gpt2": [
+        "transformer.wte.weight", "transformer.wpe.weight",
+        "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
+        "transformer.h.0.attn.bias", "transformer.h.0.attn.masked_bias",
+        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
+        "transformer.h.0.attn.c_proj.weight", "transformer.h.0.attn.c_proj.bias",
+        "transformer.h.0.ln_2.weight", "transformer.h.0.ln_2.bias",
+        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias",
+        "transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias",
+        "transformer.ln_f.weight", "transformer.ln_f.bias",
+        "lm_head.weight"],
+    "gptj": [
+        "transformer.wte.weight",
+        "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
+        "transformer.h.0.attn.k_proj.weight", "transformer.h.0.attn.v_proj.weight",
+        "transformer.h.0.attn.q_proj.weight", "transformer.h.0.attn.out_proj.weight",
+        "transformer.h.0.mlp.fc_in.weight", "transformer.h.0.mlp.fc_in.bias",
+        "transformer.h.0.mlp.fc_out.weight", "transformer.h.0.mlp.fc_out.bias",
+        "transformer.ln_f.weight", "transformer.ln_f.bias",
+        "lm_head.weight", "lm_head.bias"],
+    "llama": [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.self_attn.rotary_emb.inv_freq",
+        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight"],
+}
+CAUSAL_MASK_64 = torch.tril(torch.ones(64, 64, dtype=torch.bool)).view(1, 1, 64, 64)
+# buffer -> value 4.29.2 saves for it (shape and dtype included)
+BUFFERS_IN_4_29_2 = {
+    "gpt_neox": {"gpt_neox.layers.0.attention.bias": CAUSAL_MASK_64,
+                 "gpt_neox.layers.0.attention.masked_bias": torch.tensor(-1e9),
+                 # head size 8, rotary_pct 0.5: 4 rotary dims, base 10000
+                 "gpt_neox.layers.0.attention.rotary_emb.inv_freq": torch.tensor([1.0, 10000 ** -0.5])},
+    "gpt2": {"transformer.h.0.attn.bias": CAUSAL_MASK_64, "transformer.h.0.attn.masked_bias": torch.tensor(-1e4)},
+    "gptj": {},
+    "llama": {"model.layers.0.self_attn.rotary_emb.inv_freq":
+              torch.tensor([1.0, 10000 ** -0.25, 10000 ** -0.5, 10000 ** -0.75])},
+}
+
+
+def architecture_model(architecture: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    torch.manual_seed(seed)
+    return load_model({"from_config": {**ARCHITECTURES[architecture], **overrides}}, build_char_tokenizer(), dtype)
+
+
+def logits_of(model, ids=torch.tensor([[5, 17, 30, 41, 52, 63, 74, 85, 96]])):
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_policy_file_has_exactly_the_keys_and_buffers_of_transformers_4_29_2(tmp_path, architecture):
+    from dpo.checkpoints import to_reference_names
+
+    source = architecture_model(architecture, seed=20)
+    write_checkpoint(str(tmp_path / "ckpt"), 1, {}, {"policy.pt": to_reference_names(source.state_dict(), source)})
+    written = read_archive(str(tmp_path / "ckpt" / "policy.pt"))["state"]
+
+    assert sorted(written) == sorted(KEYS_IN_4_29_2[architecture])
+    for key, expected in BUFFERS_IN_4_29_2[architecture].items():
+        assert written[key].dtype == expected.dtype and written[key].shape == expected.shape, key
+        torch.testing.assert_close(written[key], expected, rtol=1e-6, atol=0)
+    # and it reads back here, from the 4.29.2 layout and from the current one
+    for state in (written, source.state_dict()):
+        target = architecture_model(architecture, seed=21)
+        load_policy_state(target, state, "policy.pt")
+        assert_states_equal(target.state_dict(), source.state_dict())
+
+
+@pytest.mark.parametrize("architecture, overrides, rotary_dims", [
+    ("gpt_neox", {"hidden_size": 64, "rotary_pct": 0.25, "rotary_emb_base": 5000}, 4),
+    ("llama", {"rope_theta": 500000.0}, 8)])
+def test_rope_frequencies_follow_the_config_as_in_4_29_2(architecture, overrides, rotary_dims):
+    from dpo.checkpoints import to_reference_names
+
+    base = overrides.get("rotary_emb_base", overrides.get("rope_theta"))
+    formula = 1.0 / (base ** (torch.arange(0, rotary_dims, 2).float() / rotary_dims))  # 4.29.2's own line
+    for dtype in (torch.float32, torch.bfloat16):
+        model = architecture_model(architecture, dtype=dtype, num_hidden_layers=2, **overrides)
+        written = to_reference_names(model.state_dict(), model)
+        inv_freqs = [value for key, value in written.items() if key.endswith("rotary_emb.inv_freq")]
+        assert len(inv_freqs) == 2
+        for inv_freq in inv_freqs:  # float32 even in a bfloat16 model, as 4.29.2 keeps it
+            assert inv_freq.dtype == torch.float32 and torch.equal(inv_freq, formula)
+        assert inv_freqs[0] is inv_freqs[1]  # one tensor for all layers: torch.save stores it once
+    live = next(buffer for name, buffer in architecture_model(architecture, **overrides).named_buffers()
+                if name.endswith("original_inv_freq"))
+    assert torch.equal(live, formula)  # what transformers 5 itself uses in float32
+
+
+def test_policy_file_layout_follows_the_model_type_not_the_class_name():
+    from dpo.checkpoints import to_reference_names
+
+    model = architecture_model("gpt_neox")
+    model.__class__ = type("FSDPGPTNeoXForCausalLM", (type(model),), {})  # as FSDP2's fully_shard renames it
+    assert sorted(to_reference_names(model.state_dict(), model)) == sorted(KEYS_IN_4_29_2["gpt_neox"])
+
+
+@pytest.mark.parametrize("architecture, legacy_keys", [
+    ("gpt_neox", {"rotary_pct": 0.5, "rotary_emb_base": 10000}),
+    ("llama", {"rope_theta": 10000.0, "rope_scaling": None}),
+    ("gpt2", {}), ("gptj", {})])
+def test_hf_config_carries_the_keys_4_29_2_reads_and_reloads_here_unchanged(tmp_path, tokenizer, architecture,
+                                                                             legacy_keys):
+    import json
+    import warnings
+
+    model = architecture_model(architecture, seed=22)
+    state = model.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # these configs are all 4.29.2 can represent: no warning
+        write_checkpoint(str(tmp_path / "LATEST"), 1, {}, {"policy.pt": state}, hf_model=model, tokenizer=tokenizer)
+    assert len(state) == len(model.state_dict())  # transformers 5's save_pretrained empties what it is given
+
+    config = json.loads((tmp_path / "LATEST" / "config.json").read_text())
+    assert {key: config.get(key, "absent") for key in legacy_keys} == legacy_keys
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "LATEST"), dtype=torch.float32)
+    assert getattr(reloaded.config, "rope_parameters", None) == getattr(model.config, "rope_parameters", None)
+    torch.testing.assert_close(logits_of(reloaded), logits_of(model), rtol=0, atol=1e-6)
+
+
+def test_hf_export_warns_about_what_4_29_2_cannot_represent(tmp_path, tokenizer):
+    from dpo.checkpoints import legacy_config_keys
+
+    model = architecture_model("llama", num_key_value_heads=2, rope_theta=500000.0)
+    keys, problems = legacy_config_keys(model.config)
+    assert keys == {"rope_theta": 500000.0, "rope_scaling": None}
+    assert any("num_key_value_heads=2" in problem for problem in problems)
+    assert any("rope_theta=500000.0" in problem for problem in problems)
+    with pytest.warns(UserWarning, match=r"4\.29\.2 .*different model.*num_key_value_heads=2.*transformers >= 5"):
+        write_checkpoint(str(tmp_path / "LATEST"), 1, {}, {"policy.pt": model.state_dict()}, hf_model=model)
+    # the export itself is complete for transformers 5
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "LATEST"), dtype=torch.float32)
+    torch.testing.assert_close(logits_of(reloaded), logits_of(model), rtol=0, atol=1e-6)
+
+
+def test_exported_tokenizers_use_formats_4_29_2_parses(tmp_path, tokenizer):
+    import json
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from dpo.checkpoints import write_hf_export
+
+    bpe = PreTrainedTokenizerFast(eos_token="<eos>", tokenizer_object=Tokenizer(models.BPE(
+        vocab={"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "<eos>": 5}, merges=[("a", "b"), ("ab", "c")])))
+    model = architecture_model("gpt2")
+    for name, original in (("char", tokenizer), ("bpe", bpe)):
+        write_hf_export(str(tmp_path / name), model, original)
+        # tokenizers 0.13 knows neither the class name TokenizersBackend nor merges as pairs
+        tokenizer_class = json.loads((tmp_path / name / "tokenizer_config.json").read_text())["tokenizer_class"]
+        assert tokenizer_class == "PreTrainedTokenizerFast"
+        merges = json.loads((tmp_path / name / "tokenizer.json").read_text())["model"].get("merges")
+        assert merges in (None, ["a b", "ab c"]), merges
+        text = "abcab cab\n\tHuman: hi"
+        assert AutoTokenizer.from_pretrained(str(tmp_path / name))(text)["input_ids"] == original(text)["input_ids"]
+
+
+# ---- 8. python -m dpo.export ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_config():
+    """A run's resolved config, as train.py saves it, of a one-layer `tiny` model."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base="1.3"):
+        config = compose(config_name="config", overrides=["model.from_config.hidden_size=32",
+                                                          "model.from_config.num_hidden_layers=1"])
+    OmegaConf.resolve(config)
+    return config
+
+
+def trained_run(tmp_path, run_config, tokenizer):
+    """A run directory with config.yaml and a step-64 checkpoint of a perturbed model; and that model."""
+    from dpo.checkpoints import to_reference_names
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    OmegaConf.save(run_config, str(run_dir / "config.yaml"))
+    model = load_model(run_config.model, tokenizer, torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    write_checkpoint(str(run_dir / "step-64"), 64, {}, {"policy.pt": to_reference_names(model.state_dict(), model)})
+    return run_dir, model
+
+
+def test_export_writes_a_step_checkpoint_in_hugging_face_format(tmp_path, run_config, tokenizer, capsys):
+    import json
+
+    from dpo.export import main
+
+    run_dir, model = trained_run(tmp_path, run_config, tokenizer)
+    step = run_dir / "step-64"
+    policy_before = (step / "policy.pt").read_bytes()
+    assert main([str(step)]) == 0
+    assert f"wrote {step}" in capsys.readouterr().out
+    assert (step / "policy.pt").read_bytes() == policy_before
+    assert not [name for name in os.listdir(step) if name.startswith(".export")]
+    assert json.loads((step / "config.json").read_text())["rotary_pct"] == 1.0
+    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(str(step))), logits_of(model),
+                               rtol=0, atol=1e-6)
+    text = "reverse dgaf"
+    assert AutoTokenizer.from_pretrained(str(step))(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+    # elsewhere, with the config named explicitly
+    elsewhere = tmp_path / "exported"
+    (run_dir / "config.yaml").rename(tmp_path / "saved.yaml")
+    assert main([str(step), str(elsewhere), "--config", str(tmp_path / "saved.yaml")]) == 0
+    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(str(elsewhere))), logits_of(model),
+                               rtol=0, atol=1e-6)
+
+
+def test_export_errors_name_the_path_and_the_fix(tmp_path, run_config, tokenizer, capsys):
+    from dpo.export import main
+
+    run_dir, _ = trained_run(tmp_path, run_config, tokenizer)
+    step = run_dir / "step-64"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other.yaml").write_text("seed: 0\n")
+    wider = OmegaConf.merge(run_config, {"model": {"from_config": {"hidden_size": 48}}})
+    OmegaConf.save(wider, str(tmp_path / "wider.yaml"))
+    cases = [
+        ([str(tmp_path / "missing")], f"{tmp_path / 'missing'} is not a directory"),
+        ([str(tmp_path / "empty")], f"{tmp_path / 'empty'} holds no policy.pt"),
+        ([str(step), "--config", str(tmp_path / "none.yaml")], "does not exist, and the model cannot be rebuilt"),
+        ([str(step), "--config", str(tmp_path / "other.yaml")], "has no model section"),
+        ([str(step), "--config", str(tmp_path / "wider.yaml")], "shape mismatches"),
+    ]
+    for argv, fragment in cases:
+        assert main(argv) == 1, argv
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and fragment in error and error.count("\n") == 1, (argv, error)
+    (run_dir / "config.yaml").unlink()
+    assert main([str(step)]) == 1
+    assert "pass --config <run dir>/config.yaml" in capsys.readouterr().err

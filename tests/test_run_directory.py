@@ -172,6 +172,7 @@ def test_a_full_disk_stops_with_the_last_good_checkpoint_intact(tmpfs):
     import torch
 
     assert torch.load(Path(checkpoint) / "policy.pt", weights_only=True)["step_idx"] == 64
+    assert not list(run_dir.glob("*.partial"))  # the failed write gave its space back
     assert not (run_dir / LOCK_FILE).exists()
 
 
