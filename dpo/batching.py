@@ -11,12 +11,13 @@ which is left-padded so that generation can continue it.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dpo.data import dataset_source, load_source
+from dpo.data import SplitData, dataset_source, describe_skips, load_source
 from dpo.errors import DataError
 from dpo.logps import IGNORE_INDEX
 
@@ -100,22 +101,59 @@ def _pad(sequences: list[list[int]], pad_value: int, left: bool) -> torch.Tensor
     return padded
 
 
-def flatten_examples(names: list[str], split: str, eos_text: Optional[str], silent: bool = False,
-                     cache_dir: Optional[str] = None) -> list[tuple]:
-    """All (prompt, responses, pairs, sft_target, truncation_mode, dataset) of `names`, checked up front.
+@dataclass(frozen=True)
+class Example:
+    """One prompt of one dataset, with all that batching needs to tokenize its pairs or its SFT target."""
 
-    Checking the EOS text here, before the first step, stops a bad run at once rather than hours in.
+    prompt: str
+    responses: list[str]
+    pairs: list[tuple[int, int]]
+    sft_target: str
+    truncation_mode: str
+    dataset: str
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How examples become batches: `get_batch_iterator`'s settings of size, order, length and count."""
+
+    batch_size: int
+    shuffle: bool
+    max_length: int
+    max_prompt_length: int
+    sft_mode: bool
+    n_epochs: Optional[int]
+    n_examples: Optional[int]
+    seed: int
+    drop_last: bool
+
+
+def flatten_examples(names: list[str], split: str, tokenizer: PreTrainedTokenizerBase, sft_mode: bool = False,
+                     silent: bool = False, cache_dir: Optional[str] = None) -> list[Example]:
+    """All examples of `names`' `split`, checked up front against `tokenizer`.
+
+    Checking here, before the first step, stops a bad run at once rather than hours in: the EOS
+    text in the data, pairs the tokenizer cannot tell apart, and a preference loss with no pairs.
     """
-    flat = []
+    examples = []
     for name in names:
-        source = dataset_source(name)
-        data = load_source(source, split, silent=silent, cache_dir=cache_dir)
-        for prompt, example in data.items():
-            if eos_text:
-                _check_no_eos_text(name, split, prompt, example, eos_text)
-            flat.append((prompt, example["responses"], example["pairs"], example["sft_target"],
-                         source.truncation_mode, name))
-    return flat
+        loaded = load_source(dataset_source(name), split, silent=silent, cache_dir=cache_dir, tokenizer=tokenizer)
+        if not sft_mode:
+            _check_has_pairs(name, split, loaded)
+        for prompt, example in loaded.data.items():
+            if tokenizer.eos_token:
+                _check_no_eos_text(name, split, prompt, example, tokenizer.eos_token)
+            examples.append(Example(prompt, example["responses"], example["pairs"], example["sft_target"],
+                                    loaded.truncation_mode, name))
+    return examples
+
+
+def _check_has_pairs(name: str, split: str, loaded: SplitData) -> None:
+    if any(example["pairs"] for example in loaded.data.values()):
+        return
+    why = f"skipped {describe_skips(loaded.skipped)}" if loaded.skipped else "it holds SFT targets only"
+    raise DataError(f"dataset {name} ({split}) has no usable preference pairs ({why}); fix the data, or train "
+                    "with loss=sft")
 
 
 def _check_no_eos_text(name: str, split: str, prompt: str, example: dict, eos_text: str) -> None:
@@ -141,52 +179,82 @@ def get_batch_iterator(names: list[str], tokenizer: PreTrainedTokenizerBase, spl
     if n_epochs is None and n_examples is None:
         raise ValueError("get_batch_iterator needs n_epochs or n_examples")
     # Load and check all data now, so that bad data stops the run before any model is loaded.
-    flat = flatten_examples(names, split, tokenizer.eos_token, silent=silent, cache_dir=cache_dir)
-    return _batches(flat, names, split, tokenizer, batch_size, shuffle, max_length, max_prompt_length, sft_mode,
-                    n_epochs, n_examples, seed, drop_last)
+    examples = flatten_examples(names, split, tokenizer, sft_mode=sft_mode, silent=silent, cache_dir=cache_dir)
+    plan = BatchPlan(batch_size, shuffle, max_length, max_prompt_length, sft_mode, n_epochs, n_examples, seed,
+                     drop_last)
+    return BatchIterator(_batches(examples, tokenizer, plan, f"datasets {list(names)} ({split})"),
+                         planned_examples(examples, plan))
 
 
-def _batches(flat, names, split, tokenizer, batch_size, shuffle, max_length, max_prompt_length, sft_mode,
-             n_epochs, n_examples, seed, drop_last) -> Iterator[dict]:
+class BatchIterator:
+    """The batches of `get_batch_iterator`, which also know how many examples they hold in all
+    (`n_examples`), so that a progress bar can show the end."""
+
+    def __init__(self, batches: Iterator[dict], n_examples: int):
+        self._batches = batches
+        self.n_examples = n_examples
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._batches)
+
+
+def planned_examples(examples: list[Example], plan: BatchPlan) -> int:
+    """How many examples `_batches` yields under `plan`, counted without tokenizing."""
+    per_epoch = sum(bool(example.sft_target) if plan.sft_mode else len(example.pairs) for example in examples)
+    if plan.drop_last:
+        per_epoch -= per_epoch % plan.batch_size
+    if plan.n_examples is None:
+        return per_epoch * plan.n_epochs
+    wanted = plan.n_examples
+    if plan.drop_last:  # training rounds n_examples up to a whole batch
+        wanted = -(-wanted // plan.batch_size) * plan.batch_size
+    return wanted if plan.n_epochs is None else min(wanted, per_epoch * plan.n_epochs)
+
+
+def _batches(examples: list[Example], tokenizer, plan: BatchPlan, label: str) -> Iterator[dict]:
     collate = get_collate_fn(tokenizer)
-    rng = random.Random(seed)
+    rng = random.Random(plan.seed)
     epoch, example_count = 0, 0
-    while n_epochs is None or epoch < n_epochs:
-        if shuffle:
-            rng.shuffle(flat)
+    while plan.n_epochs is None or epoch < plan.n_epochs:
+        if plan.shuffle:
+            rng.shuffle(examples)
         batch, epoch_size = [], 0
-        for element in _elements(flat, tokenizer, max_length, max_prompt_length, sft_mode):
+        for element in _elements(examples, tokenizer, plan):
             batch.append(element)
             epoch_size += 1
             example_count += 1
-            reached = n_examples is not None and example_count >= n_examples
+            reached = plan.n_examples is not None and example_count >= plan.n_examples
             # Like the reference, training rounds n_examples up to a whole batch.
-            if len(batch) == batch_size or (reached and not drop_last):
+            if len(batch) == plan.batch_size or (reached and not plan.drop_last):
                 yield collate(batch)
                 batch = []
                 if reached:
                     return
-        if batch and not drop_last:
+        if batch and not plan.drop_last:
             yield collate(batch)
-        if epoch_size == 0 or (drop_last and epoch_size < batch_size):
-            kind = "SFT targets" if sft_mode else "pairs"
-            raise DataError(f"datasets {list(names)} ({split}) hold {epoch_size} {kind}, fewer than one batch of "
-                            f"{batch_size}; lower batch_size or add data")
+        if epoch_size == 0 or (plan.drop_last and epoch_size < plan.batch_size):
+            kind = "SFT targets" if plan.sft_mode else "pairs"
+            raise DataError(f"{label} hold {epoch_size} {kind}, fewer than one batch of {plan.batch_size}; "
+                            "lower batch_size or add data")
         epoch += 1
 
 
-def _elements(flat: list[tuple], tokenizer, max_length: int, max_prompt_length: int,
-              sft_mode: bool) -> Iterator[dict]:
-    for prompt, responses, pairs, sft_target, truncation_mode, dataset in flat:
-        if sft_mode:
-            if not sft_target:
+def _elements(examples: list[Example], tokenizer, plan: BatchPlan) -> Iterator[dict]:
+    def tokenize(example: Example, chosen: str, rejected: str) -> dict:
+        return tokenize_batch_element(example.prompt, chosen, rejected, example.truncation_mode, tokenizer,
+                                      plan.max_length, plan.max_prompt_length)
+
+    for example in examples:
+        if plan.sft_mode:
+            if not example.sft_target:
                 continue
-            element = tokenize_batch_element(prompt, sft_target, sft_target, truncation_mode, tokenizer,
-                                             max_length, max_prompt_length)
+            element = tokenize(example, example.sft_target, example.sft_target)
             element = {k: v for k, v in element.items() if "rejected" not in k}
-            yield {**element, "dataset": dataset}
+            yield {**element, "dataset": example.dataset}
         else:
-            for chosen, rejected in pairs:
-                element = tokenize_batch_element(prompt, responses[chosen], responses[rejected], truncation_mode,
-                                                 tokenizer, max_length, max_prompt_length)
-                yield {**element, "dataset": dataset}
+            for chosen, rejected in example.pairs:
+                element = tokenize(example, example.responses[chosen], example.responses[rejected])
+                yield {**element, "dataset": example.dataset}

@@ -35,7 +35,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerBase:
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     pad, eos, unk = _CHAR_SPECIAL_TOKENS
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, eos_token=eos, unk_token=unk)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, eos_token=eos, unk_token=unk)
+    tokenizer.name_or_path = CHAR_TOKENIZER  # so messages can name it
+    return tokenizer
 
 
 def load_tokenizer(model_config: Mapping[str, Any], cache_dir: Optional[str] = None) -> PreTrainedTokenizerBase:

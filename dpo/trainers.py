@@ -92,7 +92,8 @@ class BasicTrainer:
         if self.reference_model is not None:
             self.reference_model.eval()
         last_log = None
-        with tqdm.tqdm(total=self.config.n_examples, unit="ex", desc="train", disable=not self.is_main_process,
+        total = getattr(self.train_batches, "n_examples", self.config.n_examples)
+        with tqdm.tqdm(total=total, unit="ex", desc="train", disable=not self.is_main_process,
                        dynamic_ncols=True) as progress:
             for batch in self.train_batches:
                 if self.example_counter % self.config.eval_every == 0 and (

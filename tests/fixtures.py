@@ -254,3 +254,34 @@ def pair_rows(n_prompts: int, pairs_per_prompt: int = 1) -> list[dict]:
         for p in range(n_prompts)
         for k in range(pairs_per_prompt)
     ]
+
+
+def write_shards(folder: Path, split: str, rows: list[dict], n_shards: int) -> list[Path]:
+    """`rows` as the Hugging Face hub stores a split: parquet shards `<split>-00000-of-0000N.parquet`, in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size = -(-len(rows) // n_shards)
+    return [write_parquet(folder / f"{split}-{index:05d}-of-{n_shards:05d}.parquet",
+                          rows[index * size:(index + 1) * size])
+            for index in range(n_shards)]
+
+
+# ---- other public preference formats (not accepted: their rows get a clear error) -------------------
+
+# OpenAI's preference fine-tuning JSONL: chat messages under input/preferred_output/non_preferred_output.
+OPENAI_PREFERENCE_ROW = {
+    "input": {"messages": [{"role": "user", "content": "Hello, can you tell me how cold San Francisco is today?"}],
+              "tools": [], "parallel_tool_calls": True},
+    "preferred_output": [{"role": "assistant", "content": "Today in San Francisco, it is not quite cold as expected."}],
+    "non_preferred_output": [{"role": "assistant", "content": "It is not particularly cold in San Francisco today."}],
+}
+
+# lvwerra/stack-exchange-paired: one question with a better (j) and a worse (k) answer.
+STACK_EXCHANGE_PAIRED_ROW = {
+    "qid": 2428,
+    "question": "How do I reverse a list in Python and keep the original?",
+    "date": "2010/03/15",
+    "metadata": ["https://stackoverflow.com/questions/2428", "https://stackoverflow.com",
+                 "https://stackoverflow.com/users/1"],
+    "response_j": "Use slicing: items[::-1] returns a reversed copy.",
+    "response_k": "Call items.reverse().",
+}

@@ -17,8 +17,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import fixtures as fx
-from dpo.batching import get_batch_iterator, get_collate_fn, tokenize_batch_element
+from dpo.batching import Example, flatten_examples, get_batch_iterator, get_collate_fn, tokenize_batch_element
 from dpo.data import get_dataset
+from dpo.data.tokens import check_tokens, emits_unknown_token
 from dpo.errors import DataError
 from dpo.models import build_char_tokenizer
 
@@ -713,3 +714,144 @@ def test_hh_transcripts_keep_prompt_end(tmp_path, char_tok):
                                                                    add_special_tokens=False)["input_ids"]
         assert batch["chosen_input_ids"].shape[1] <= max_length
     assert n_longer >= 1
+
+
+def test_examples_carry_the_truncation_mode_of_their_format(tmp_path, char_tok):
+    hh = tmp_path / "hh"
+    hh.mkdir()
+    fx.write_jsonl(hh / "train.jsonl", fx.HH_ROWS[:2])
+    fx.write_jsonl(hh / "test.jsonl", fx.HH_ROWS[:1])
+    pairs = write_pair_dir(tmp_path, 2, 1)
+    examples = flatten_examples([str(hh), pairs, "toy"], "test", char_tok, silent=True)
+    assert all(isinstance(example, Example) for example in examples)
+    modes = Counter((example.dataset, example.truncation_mode) for example in examples)
+    assert modes == {(str(hh), "keep_end"): 1, (pairs, "keep_start"): 1, ("toy", "keep_start"): 256}
+    egg = examples[0]
+    assert (egg.prompt, egg.responses, egg.pairs) == (fx.EGG_PROMPT, fx.HH_EXPECTED[fx.EGG_PROMPT]["responses"][:2],
+                                                      [(0, 1)])
+
+
+def test_empty_prompts_stop_the_iterator_with_the_reason(tmp_path, char_tok):
+    folder = tmp_path / "empty_prompts"
+    folder.mkdir()
+    rows = [{**row, "prompt": ""} for row in fx.pair_rows(5)]
+    fx.write_jsonl(folder / "train.jsonl", rows[:3])
+    fx.write_jsonl(folder / "test.jsonl", rows[3:])
+    with pytest.raises(DataError) as error:
+        get_batch_iterator([str(folder)], char_tok, split="test", batch_size=1, n_epochs=1, silent=True)
+    assert str(error.value) == (
+        f"dataset {folder} (test) has no usable examples after skipping bad rows (skipped pairs with an empty prompt: "
+        "2); fix those rows (see the README's Data rules) or choose another dataset"
+    )
+
+
+# ---- text the tokenizer does not cover ------------------------------------------------------------
+
+# English questions with Hebrew answers of equal length: the char tokenizer reads both as " <unk>x4".
+HEBREW_ROWS = [
+    {"prompt": f"\n\nHuman: How do you say '{word}' in Hebrew?\n\nAssistant:", "chosen": f" {right}",
+     "rejected": f" {wrong}"}
+    for word, right, wrong in (("peace", "שלום", "אהבה"), ("love", "אהבה", "שלום"),
+                               ("sun", "שמש", "ירח"))
+]
+PRINTABLE = {chr(code) for code in range(32, 127)} | {"\n", "\t"}
+
+
+def char_unknown_share(rows) -> float:
+    """The char tokenizer's unknown share of one-pair-per-prompt rows: prompt, both responses, SFT target (= chosen)."""
+    texts = [text for row in rows for text in (row["prompt"], row["chosen"], row["rejected"], row["chosen"])]
+    return sum(ch not in PRINTABLE for text in texts for ch in text) / sum(len(text) for text in texts)
+
+
+def write_split_dir(folder: Path, train_rows, test_rows) -> str:
+    folder.mkdir()
+    fx.write_jsonl(folder / "train.jsonl.gz", train_rows)
+    fx.write_jsonl(folder / "test.jsonl", test_rows)
+    return str(folder)
+
+
+def test_only_tokenizers_with_an_unknown_token_are_checked(char_tok, gpt2_tok, neox_tok):
+    assert emits_unknown_token(char_tok)
+    assert not emits_unknown_token(gpt2_tok) and not emits_unknown_token(neox_tok)
+
+
+def test_data_is_tokenized_only_when_one_of_its_characters_is_unknown(char_tok):
+    ascii_data = {"Q: hi": {"responses": [" a", " b"], "pairs": [(0, 1)], "sft_target": " a"}}
+    assert check_tokens(char_tok, ascii_data) is None
+    # A carriage return is ASCII, yet not in the char tokenizer's vocabulary.
+    windows_data = {"Q: hi\r\n": {"responses": [" a\r", " b\r"], "pairs": [(0, 1)], "sft_target": " a\r"}}
+    check = check_tokens(char_tok, windows_data)
+    assert (check.n_unknown, check.n_tokens) == (1 + 1 + 1 + 1, 7 + 3 + 3 + 3)  # prompt, pair, SFT target
+    assert not check.same_tokens(" a\r", " b\r")
+
+
+def test_pairs_the_tokenizer_cannot_tell_apart_are_skipped_with_one_warning(tmp_path, char_tok, capsys):
+    train_rows = fx.pair_rows(4) + HEBREW_ROWS
+    path = write_split_dir(tmp_path / "hebrew", train_rows, fx.pair_rows(2))
+    batches = collect(get_batch_iterator([path], char_tok, split="train", batch_size=2, n_epochs=1))
+    assert sorted(pair_ids(batches)) == sorted((row["prompt"], row["chosen"], row["rejected"])
+                                               for row in fx.pair_rows(4))
+    share = char_unknown_share(train_rows)
+    assert 0.05 < share < 0.5
+    assert capsys.readouterr().out == (
+        f"dataset {path}: train <- train.jsonl.gz; test <- test.jsonl\n"
+        f"warning: {share:.1%} of the tokens of dataset {path} (train) are the unknown token <|unk|> of tokenizer "
+        "char: the model can neither read nor write that text, and pairs whose responses differ only there are "
+        "skipped; use a tokenizer that covers the text, e.g. model.tokenizer_name_or_path=EleutherAI/gpt-neox-20b\n"
+        f"dataset {path} (train): kept 4 pairs over 7 prompts; skipped pairs with chosen == rejected once "
+        "tokenized: 3\n"
+    )
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2_tok", "neox_tok"])
+def test_byte_level_tokenizers_keep_every_pair(tmp_path, capsys, request, tokenizer):
+    tokenizer = request.getfixturevalue(tokenizer)
+    path = write_split_dir(tmp_path / "hebrew", fx.pair_rows(4) + HEBREW_ROWS, fx.pair_rows(2))
+    batches = collect(get_batch_iterator([path], tokenizer, split="train", batch_size=7, n_epochs=1))
+    assert len(pair_ids(batches)) == 7
+    assert capsys.readouterr().out == f"dataset {path}: train <- train.jsonl.gz; test <- test.jsonl\n"
+
+
+def test_a_few_unknown_tokens_are_no_warning(tmp_path, char_tok, capsys):
+    rows = fx.pair_rows(6)
+    rows[0] = {**rows[0], "chosen": " 0, café."}
+    path = write_split_dir(tmp_path / "cafe", rows, rows[:2])
+    assert 0 < char_unknown_share(rows) < 0.01
+    get_batch_iterator([path], char_tok, split="train", batch_size=2, n_epochs=1, silent=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_no_pair_left_after_tokenizing_stops_a_preference_run(tmp_path, char_tok, capsys):
+    path = write_split_dir(tmp_path / "hebrew", HEBREW_ROWS, HEBREW_ROWS[:1])
+    with pytest.raises(DataError) as error:
+        get_batch_iterator([path], char_tok, split="train", batch_size=1, n_epochs=1, silent=True)
+    assert str(error.value) == (
+        f"dataset {path} (train) has no usable preference pairs (skipped pairs with chosen == rejected once "
+        "tokenized: 3); fix the data, or train with loss=sft"
+    )
+    # The warning is printed even when silent: the run would otherwise learn nothing without a word.
+    share = char_unknown_share(HEBREW_ROWS)
+    assert capsys.readouterr().out == (
+        f"warning: {share:.1%} of the tokens of dataset {path} (train) are the unknown token <|unk|> of tokenizer "
+        "char: the model can neither read nor write that text, and pairs whose responses differ only there are "
+        "skipped; use a tokenizer that covers the text, e.g. model.tokenizer_name_or_path=EleutherAI/gpt-neox-20b\n"
+    )
+    # SFT has targets to learn, unknown tokens and all (the warning said so).
+    batches = collect(get_batch_iterator([path], char_tok, split="train", batch_size=3, n_epochs=1, sft_mode=True,
+                                         silent=True))
+    assert [n_rows(b) for b in batches] == [3]
+
+
+@pytest.mark.parametrize("sft_mode, n_epochs, n_examples, drop_last", [
+    (False, 2, None, True), (True, 1, None, True), (False, None, 100, True), (False, 3, 10_000, True),
+    (False, 1, None, False), (True, None, 37, False),
+])
+def test_the_batch_iterator_knows_how_many_examples_it_yields(sft_mode, n_epochs, n_examples, drop_last):
+    from dpo.models import build_char_tokenizer
+
+    batches = get_batch_iterator(["toy"], build_char_tokenizer(), split="test", batch_size=24, sft_mode=sft_mode,
+                                 n_epochs=n_epochs, n_examples=n_examples, max_length=64, max_prompt_length=48,
+                                 drop_last=drop_last)
+    planned = batches.n_examples
+    assert planned == sum(len(batch["prompt"]) for batch in batches)
+    assert planned > 0

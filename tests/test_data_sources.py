@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import fixtures as fx
-from dpo.data import clean_pairs, dataset_source, get_dataset, load_source
+from dpo.data import PreferenceSource, clean_pairs, dataset_source, get_dataset, load_source
 from dpo.data.hh import HHSource, extract_anthropic_prompt, hh_rows_to_data
-from dpo.data.local import LocalPreferenceFiles, held_out_prompts, prompt_hash
+from dpo.data.local import LocalPreferenceFiles, held_out_prompts, prompt_hash, split_of_file
 from dpo.data.se import SESource, se_rows_to_data, strip_html_tags
 from dpo.data.shp import SHPSource, shp_rows_to_data
 from dpo.errors import DataError
@@ -217,8 +217,9 @@ def test_every_supported_file_kind_reads_the_same_pairs(tmp_path, name, writer):
     path = str(writer(tmp_path / name, rows))
     source = LocalPreferenceFiles(path)
     train = source.load("train")
-    test = source.load("test")
-    assert source.truncation_mode == "keep_start"
+    loaded_test = source.load_split("test")
+    test = loaded_test.data
+    assert loaded_test.truncation_mode == "keep_start"
     assert len(test) == 2 and len(train) == 38
     merged = {**train, **test}
     for row in rows:
@@ -250,7 +251,7 @@ def test_held_out_prompts_holds_out_at_least_one_of_two_and_none_of_one():
 def test_single_prompt_file_has_no_test_split(tmp_path):
     path = str(fx.write_jsonl(tmp_path / "one.jsonl", fx.pair_rows(1, pairs_per_prompt=3)))
     assert len(get_dataset(path, "train")["Question 0: what is 0 + 0?"]["pairs"]) == 3
-    with pytest.raises(DataError, match=rf"^{re.escape(path)} holds a single prompt, .* train\.\* and test\.\*"):
+    with pytest.raises(DataError, match=rf"^{re.escape(path)} holds a single prompt, .* a train and a test file$"):
         get_dataset(path, "test")
 
 
@@ -267,8 +268,9 @@ def test_hh_transcripts_in_a_local_file_follow_the_hh_rules(tmp_path, capsys):
     fx.write_jsonl(tmp_path / "train.jsonl.gz", fx.HH_ROWS)
     fx.write_jsonl(tmp_path / "test.jsonl", fx.HH_ROWS[:2])
     source = LocalPreferenceFiles(str(tmp_path))
-    data = load_source(source, "train")
-    assert source.truncation_mode == "keep_end"
+    loaded = load_source(source, "train")
+    data = loaded.data
+    assert loaded.truncation_mode == "keep_end"
     assert as_plain(data)[fx.EGG_PROMPT] == fx.HH_EXPECTED[fx.EGG_PROMPT]
     assert set(data) == {fx.EGG_PROMPT, fx.CAPITAL_PROMPT, fx.GREETING_PROMPT}
     assert reported_skips(capsys.readouterr().out) == {
@@ -296,6 +298,156 @@ def test_single_hh_file_counts_each_skip_in_the_split_of_its_prompt(tmp_path):
     assert source.skipped == {fx.HH_DIFFERENT_PROMPT: 31 - odd_in_test}
 
 
+# ---- local directories: which file holds which split ------------------------------------------------
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    """`rows` in the format the file's name asks for."""
+    if ".parquet" in path.name:
+        return fx.write_parquet(path, rows)
+    if ".json" in path.name and ".jsonl" not in path.name:
+        return fx.write_json_array(path, rows)
+    return fx.write_jsonl(path, rows)
+
+
+@pytest.mark.parametrize("name, split", [
+    ("train.jsonl", "train"), ("dpo_train.jsonl", "train"), ("Training.json.gz", "train"),
+    ("train-00000-of-00001.parquet", "train"), ("data/train-00003-of-00004-5f3d1c2a9b8e7d6c.parquet", "train"),
+    ("test.parquet", "test"), ("dpo_eval.jsonl", "test"), ("my.valid.json", "test"), ("validation.jsonl.gz", "test"),
+    ("val-00000-of-00001.parquet", "test"), ("dev.jsonl", "test"), ("hh-evaluation.jsonl", "test"),
+    ("contest.jsonl", None), ("train_sft.jsonl", None), ("pretrain.jsonl", None), ("interval.json", None),
+    ("test.csv", None), ("README.md", None), ("train", None),
+])
+def test_split_of_file_reads_the_last_word_of_the_name(name, split):
+    assert split_of_file(name) == split
+
+
+@pytest.mark.parametrize("train_name, test_name", [
+    ("dpo_train.jsonl", "dpo_eval.jsonl.gz"),
+    ("train.jsonl", "validation.jsonl"),
+    ("training.json", "valid.json"),
+    ("train.parquet", "dev.parquet"),
+    ("train.jsonl", "eval.jsonl"),
+    ("train.jsonl", "val.jsonl"),
+])
+def test_directory_accepts_common_split_names_and_says_which_file_is_which(tmp_path, capsys, train_name, test_name):
+    rows = fx.pair_rows(10)
+    write_rows(tmp_path / train_name, rows[:7])
+    write_rows(tmp_path / test_name, rows[7:])
+    fx.write_text(tmp_path / "contest.jsonl", "not JSON: a file that names no split is never read")
+    assert set(get_dataset(str(tmp_path), "train", silent=True)) == {row["prompt"] for row in rows[:7]}
+    assert capsys.readouterr().out == ""
+    assert set(get_dataset(str(tmp_path), "test")) == {row["prompt"] for row in rows[7:]}
+    get_dataset(str(tmp_path), "train")
+    assert capsys.readouterr().out == f"dataset {tmp_path}: train <- {train_name}; test <- {test_name}\n"
+
+
+def test_hub_layout_reads_the_shards_of_the_data_folder_in_order(tmp_path, capsys):
+    rows = fx.pair_rows(12)
+    # The second shard ends with another pair for the first prompt: its chosen reply, read last, is the SFT target.
+    train_rows = rows[:9] + [{"prompt": rows[0]["prompt"], "chosen": " Zero.", "rejected": " Two."}]
+    fx.write_shards(tmp_path / "data", "train", train_rows, n_shards=2)
+    fx.write_shards(tmp_path / "data", "test", rows[9:], n_shards=1)
+    fx.write_text(tmp_path / "README.md", "---\nlicense: mit\n---\n")
+    fx.write_text(tmp_path / ".gitattributes", "*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    train = get_dataset(str(tmp_path), "train")
+    assert list(train) == [row["prompt"] for row in rows[:9]]
+    assert as_plain(train)[rows[0]["prompt"]] == {
+        "responses": [" 0.", " 1.", " Zero.", " Two."], "pairs": [(0, 1), (2, 3)], "sft_target": " Zero.",
+    }
+    assert set(get_dataset(str(tmp_path), "test")) == {row["prompt"] for row in rows[9:]}
+    assert capsys.readouterr().out == (
+        f"dataset {tmp_path}: train <- data/train-00000-of-00002.parquet, data/train-00001-of-00002.parquet; "
+        "test <- data/test-00000-of-00001.parquet\n"
+    )
+
+
+def test_error_for_two_names_of_one_split(tmp_path):
+    rows = fx.pair_rows(6)
+    fx.write_jsonl(tmp_path / "train.jsonl", rows[:4])
+    fx.write_jsonl(tmp_path / "test.jsonl", rows[4:])
+    fx.write_jsonl(tmp_path / "validation.jsonl.gz", rows[4:])
+    assert load_error(tmp_path) == (
+        f"directory {tmp_path} has several test files (test.jsonl, validation.jsonl.gz); keep exactly one"
+    )
+
+
+def test_error_for_a_file_and_shards_of_one_split(tmp_path):
+    rows = fx.pair_rows(6)
+    fx.write_jsonl(tmp_path / "train.jsonl", rows[:4])
+    fx.write_shards(tmp_path / "data", "train", rows[:4], n_shards=2)
+    fx.write_jsonl(tmp_path / "test.jsonl", rows[4:])
+    assert load_error(tmp_path, "test") == (
+        f"directory {tmp_path} has several train files (data/train-00000-of-00002.parquet, "
+        "data/train-00001-of-00002.parquet, train.jsonl); keep exactly one (the shards of one file count as one)"
+    )
+
+
+def test_error_for_a_missing_shard(tmp_path):
+    rows = fx.pair_rows(9)
+    shards = fx.write_shards(tmp_path, "train", rows[:6], n_shards=3)
+    shards[1].unlink()
+    fx.write_shards(tmp_path, "test", rows[6:], n_shards=1)
+    assert load_error(tmp_path) == (
+        f"directory {tmp_path} has the train shards train-00000-of-00003.parquet, train-00002-of-00003.parquet, but "
+        "their names promise shards 0 to 2 once each; add the missing shards (was a download interrupted?) or remove "
+        "the extra ones"
+    )
+
+
+# ---- empty prompts --------------------------------------------------------------------------------
+
+
+class InMemorySource(PreferenceSource):
+    """A source as a user might write one, returning a ready-made dict."""
+
+    name = "in-memory"
+
+    def __init__(self, data):
+        super().__init__()
+        self.data = data
+
+    def load(self, split, silent=False, cache_dir=None):
+        return self.data
+
+
+def test_empty_prompts_are_skipped_for_every_source(capsys):
+    data = {
+        "": {"responses": [" a", " b", " c", " d"], "pairs": [(0, 1), (2, 3)], "sft_target": " a"},
+        "  \n": {"responses": [" only a target"], "pairs": [], "sft_target": " only a target"},
+        "\t": {"responses": [], "pairs": [], "sft_target": ""},
+        "Q: hi": {"responses": [" hello", " go away"], "pairs": [(0, 1)], "sft_target": " hello"},
+    }
+    loaded = load_source(InMemorySource(data), "train")
+    assert list(loaded.data) == ["Q: hi"] and loaded.truncation_mode == "keep_start"
+    assert capsys.readouterr().out == (
+        "dataset in-memory (train): kept 1 pairs over 1 prompts; skipped SFT targets with an empty prompt: 1; "
+        "pairs with an empty prompt: 2; prompts with no usable pair or SFT target: 1\n"
+    )
+
+
+def test_error_when_every_prompt_is_empty_names_the_reason(tmp_path):
+    rows = [{**row, "prompt": " " * (i % 2)} for i, row in enumerate(fx.pair_rows(6))]
+    fx.write_jsonl(tmp_path / "train.jsonl", rows[:4])
+    fx.write_jsonl(tmp_path / "test.jsonl", rows[4:])
+    assert load_error(tmp_path) == (
+        f"dataset {tmp_path} (train) has no usable examples after skipping bad rows (skipped pairs with an empty "
+        "prompt: 4); fix those rows (see the README's Data rules) or choose another dataset"
+    )
+
+
+def test_error_when_nothing_is_usable_lists_every_reason(tmp_path):
+    fx.write_jsonl(tmp_path / "train.jsonl.gz", fx.HH_ROWS[3:5])  # a foreign rejected transcript, an empty reply
+    fx.write_jsonl(tmp_path / "test.jsonl.gz", fx.HH_ROWS[:2])
+    assert load_error(tmp_path) == (
+        f"dataset {tmp_path} (train) has no usable examples after skipping bad rows (skipped pairs with an empty "
+        "response: 1; prompts with no usable pair or SFT target: 1; rows whose rejected transcript has a different "
+        "prompt: 1); fix those rows (see the README's Data rules) or choose another dataset"
+    )
+    with pytest.raises(DataError, match=r"^dataset in-memory \(test\) holds no examples; add prompts"):
+        load_source(InMemorySource({}), "test")
+
+
 # ---- local files: errors ------------------------------------------------------------------------------
 
 
@@ -309,8 +461,11 @@ def load_error(path, split="train") -> str:
 
 def test_error_for_missing_path(tmp_path):
     message = load_error(tmp_path / "nowhere" / "data.jsonl")
-    assert message.startswith(f"dataset path {tmp_path / 'nowhere' / 'data.jsonl'} does not exist;")
-    assert "train.* and test.*" in message
+    assert message == (
+        f"dataset path {tmp_path / 'nowhere' / 'data.jsonl'} does not exist; give a .jsonl, .json or .parquet file "
+        "(optionally .gz) or a directory holding a train and a test file (train.jsonl and test.jsonl, or names like "
+        "dpo_train.jsonl, validation.parquet, data/train-00000-of-00001.parquet)"
+    )
 
 
 def test_error_for_unsupported_suffix(tmp_path):
@@ -321,8 +476,12 @@ def test_error_for_unsupported_suffix(tmp_path):
 def test_error_for_directory_without_a_test_file(tmp_path):
     fx.write_jsonl(tmp_path / "train.jsonl", fx.pair_rows(3))
     fx.write_text(tmp_path / "test.csv", "x")
-    message = load_error(tmp_path)
-    assert message.startswith(f"directory {tmp_path} has no test file (it holds: test.csv, train.jsonl); add test.jsonl")
+    assert load_error(tmp_path) == (
+        f"directory {tmp_path} has no test file (it holds: test.csv, train.jsonl); add one such as test.jsonl or "
+        "dpo_eval.jsonl: accepted names are test, eval, evaluation, validation, valid, val or dev, alone or after a "
+        "prefix ending in _, - or ., then optionally a shard number like -00000-of-00003, then .jsonl, .json or "
+        ".parquet, optionally followed by .gz, in the directory or its data/ subfolder"
+    )
 
 
 def test_error_for_empty_directory(tmp_path):
@@ -365,8 +524,28 @@ def test_error_for_row_missing_a_field(tmp_path):
         f"{path} line 2 has no 'rejected' field (it has: prompt, chosen); every row needs the string fields "
         "prompt, chosen, rejected, as the first row has"
     )
-    path = fx.write_parquet(tmp_path / "hh.parquet", [{"chosen": "\n\nHuman: hi\n\nAssistant: yo", "answer": "x"}])
-    assert load_error(path).startswith(f"{path} row 1 has no 'rejected' field (it has: chosen, answer)")
+    hh_rows = [dict(row) for row in fx.HH_ROWS[:3]]
+    del hh_rows[2]["rejected"]
+    path = fx.write_jsonl(tmp_path / "hh.jsonl.gz", hh_rows)
+    assert load_error(path) == (
+        f"{path} line 3 has no 'rejected' field (it has: chosen); every row needs the string fields chosen, rejected, "
+        "as the first row has"
+    )
+
+
+@pytest.mark.parametrize("name, row, fields", [
+    ("openai_preferences.jsonl", fx.OPENAI_PREFERENCE_ROW, "input, preferred_output, non_preferred_output"),
+    ("stack-exchange-paired.parquet", fx.STACK_EXCHANGE_PAIRED_ROW,
+     "qid, question, date, metadata, response_j, response_k"),
+])
+def test_error_for_rows_of_another_schema_names_both_accepted_formats(tmp_path, name, row, fields):
+    path = write_rows(tmp_path / name, [row, row])
+    where = f"{path} line 1" if name.endswith(".jsonl") else f"{path} row 1"
+    assert load_error(path) == (
+        f"{where} fits neither accepted row format (its fields are: {fields}); give each row the strings "
+        '{"prompt": "...", "chosen": "...", "rejected": "..."}, or HH transcripts in \'chosen\' and \'rejected\' '
+        "(whole '\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues), renaming your fields to one of these"
+    )
 
 
 def test_error_for_conversational_rows(tmp_path):

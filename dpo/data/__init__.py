@@ -6,8 +6,9 @@ during SFT. A new dataset is one `PreferenceSource` subclass in a new module of 
 decorated with `@register_dataset`; the module is imported automatically.
 
 Every source's output passes through `clean_pairs`, which applies the rules that hold for all
-data (see the README, "Data rules"): pairs with an empty response or with chosen == rejected
-are skipped, counted and reported once.
+data (see the README, "Data rules"): pairs with an empty prompt, an empty response or with
+chosen == rejected (as text, or as tokens when a tokenizer is given) are skipped, counted and
+reported once.
 """
 
 from __future__ import annotations
@@ -16,13 +17,37 @@ import importlib
 import os
 import pkgutil
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from dpo.data.tokens import check_tokens, unknown_token_warning
 from dpo.errors import DataError
 
 PreferenceData = dict  # prompt -> {"responses": [str], "pairs": [(int, int)], "sft_target": str}
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+DIRECTORY_HINT = ("a directory holding a train and a test file (train.jsonl and test.jsonl, or names like "
+                  "dpo_train.jsonl, validation.parquet, data/train-00000-of-00001.parquet)")
+
+EMPTY_PROMPT = "pairs with an empty prompt"
+EMPTY_PROMPT_SFT = "SFT targets with an empty prompt"
+EMPTY_RESPONSE = "pairs with an empty response"
+SAME_TEXT = "pairs with chosen == rejected"
+SAME_TOKENS = "pairs with chosen == rejected once tokenized"
+NOTHING_LEFT = "prompts with no usable pair or SFT target"
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split of one dataset: the reference's dict, how to cut its over-long prompts, and what was skipped.
+
+    `truncation_mode` travels with the data because a local source only knows it once it has read
+    the files (HH transcripts keep the end of their prompts, other rows the start).
+    """
+
+    data: PreferenceData
+    truncation_mode: str
+    skipped: Counter = field(default_factory=Counter)
 
 
 class PreferenceSource:
@@ -44,6 +69,13 @@ class PreferenceSource:
 
     def load(self, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> PreferenceData:
         raise NotImplementedError
+
+    def load_split(self, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> SplitData:
+        """`load(split)` with the truncation mode its prompts need.
+
+        A source whose truncation mode depends on what it reads (local files) overrides this.
+        """
+        return SplitData(self.load(split, silent=silent, cache_dir=cache_dir), self.truncation_mode)
 
 
 _SOURCES: dict[str, type[PreferenceSource]] = {}
@@ -81,56 +113,101 @@ def dataset_source(name: str) -> PreferenceSource:
         return LocalPreferenceFiles(name)
     raise DataError(
         f"unknown dataset '{name}' in datasets=[...]: valid names are {', '.join(dataset_names())}, "
-        "or a path to a local .jsonl/.json/.parquet file (optionally .gz) or to a directory holding "
-        "train.* and test.* files"
+        f"or a path to a local .jsonl/.json/.parquet file (optionally .gz) or to {DIRECTORY_HINT}"
     )
 
 
 def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> PreferenceData:
     """Load dataset `name` (registered or a local path) for `split`, as the reference's dict."""
-    return load_source(dataset_source(name), split, silent=silent, cache_dir=cache_dir)
+    return load_source(dataset_source(name), split, silent=silent, cache_dir=cache_dir).data
 
 
-def load_source(source: PreferenceSource, split: str, silent: bool = False,
-                cache_dir: Optional[str] = None) -> PreferenceData:
-    """`source.load(split)` cleaned by `clean_pairs`; every skip is counted in `source.skipped` and printed once."""
+def load_source(source: PreferenceSource, split: str, silent: bool = False, cache_dir: Optional[str] = None,
+                tokenizer=None) -> SplitData:
+    """`source.load_split(split)` cleaned by `clean_pairs`; every skip is counted in `source.skipped` and printed once.
+
+    With a `tokenizer` that emits an unknown token, pairs whose responses it cannot tell apart are
+    skipped too, and a warning says when much of the text is unknown to it (see `dpo.data.tokens`).
+    """
     source.skipped.clear()
-    data = clean_pairs(source.load(split, silent=silent, cache_dir=cache_dir), source.skipped)
-    n_pairs = sum(len(example["pairs"]) for example in data.values())
+    loaded = source.load_split(split, silent=silent, cache_dir=cache_dir)
+    label = f"dataset {source.name} ({split})"
+    tokens = check_tokens(tokenizer, loaded.data)
+    if tokens is not None and tokens.too_many_unknown:
+        # Printed even when silent: a run on text its tokenizer cannot read learns nothing, however quiet.
+        print(f"warning: {unknown_token_warning(label, tokenizer, tokens.unknown_share)}")
+    same_tokens = tokens.same_tokens if tokens is not None else None
+    data = clean_pairs(loaded.data, source.skipped, same_tokens)
     if not silent and source.skipped:
-        reasons = "; ".join(f"{reason}: {count}" for reason, count in sorted(source.skipped.items()))
-        print(f"dataset {source.name} ({split}): kept {n_pairs} pairs over {len(data)} prompts; skipped {reasons}")
+        n_pairs = sum(len(example["pairs"]) for example in data.values())
+        print(f"{label}: kept {n_pairs} pairs over {len(data)} prompts; skipped {describe_skips(source.skipped)}")
     if not data:
-        raise DataError(f"dataset {source.name} ({split}) has no usable examples after skipping bad rows")
-    return data
+        raise no_usable_examples(label, source.skipped)
+    return SplitData(data, loaded.truncation_mode, Counter(source.skipped))
 
 
-def clean_pairs(data: PreferenceData, skipped: Counter) -> PreferenceData:
+def describe_skips(skipped: Counter) -> str:
+    """'pairs with an empty response: 3; prompts with ...: 1', the form the skip report prints."""
+    return "; ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
+
+
+def no_usable_examples(label: str, skipped: Counter) -> DataError:
+    if not skipped:
+        return DataError(f"{label} holds no examples; add prompts with preference pairs to it")
+    return DataError(f"{label} has no usable examples after skipping bad rows (skipped {describe_skips(skipped)}); "
+                     "fix those rows (see the README's Data rules) or choose another dataset")
+
+
+def clean_pairs(data: PreferenceData, skipped: Counter,
+                same_tokens: Optional[Callable[[str, str], bool]] = None) -> PreferenceData:
     """Drop pairs that carry no usable preference; keep prompts that still have a pair or an SFT target.
 
-    A pair is dropped when either response is empty (the model would be trained to emit EOS at
-    once) or both responses are the same text (the DPO gradient is zero and the pair would count
-    as a wrong prediction in reward accuracy). `skipped` gains one count per reason.
+    A prompt that is empty (or all whitespace) loses its pairs and SFT target: generation would
+    have nothing to continue. A pair is dropped when either response is empty (the model would be
+    trained to emit EOS at once) or both responses are the same text, or, when `same_tokens` says
+    so, the same tokens (the DPO gradient is zero and the pair would count as a wrong prediction
+    in reward accuracy). `skipped` gains one count per reason.
     """
     cleaned: PreferenceData = {}
     for prompt, example in data.items():
+        if not prompt.strip():
+            count_empty_prompt(example, skipped)
+            continue
         responses = example["responses"]
-        pairs = []
-        for chosen, rejected in example["pairs"]:
-            if not responses[chosen].strip() or not responses[rejected].strip():
-                skipped["pairs with an empty response"] += 1
-            elif responses[chosen] == responses[rejected]:
-                skipped["pairs with chosen == rejected"] += 1
-            else:
-                pairs.append((chosen, rejected))
+        pairs = [tuple(pair) for pair in example["pairs"] if is_usable_pair(responses, pair, skipped, same_tokens)]
         sft_target = example.get("sft_target", "")
         if not sft_target.strip():
             sft_target = ""
         if pairs or sft_target:
             cleaned[prompt] = {**example, "pairs": pairs, "sft_target": sft_target}
         else:
-            skipped["prompts with no usable pair or SFT target"] += 1
+            skipped[NOTHING_LEFT] += 1
     return cleaned
+
+
+def is_usable_pair(responses: list[str], pair: tuple[int, int], skipped: Counter,
+                   same_tokens: Optional[Callable[[str, str], bool]]) -> bool:
+    """Whether a pair carries a preference; if not, count why in `skipped`."""
+    chosen, rejected = responses[pair[0]], responses[pair[1]]
+    if not chosen.strip() or not rejected.strip():
+        reason = EMPTY_RESPONSE
+    elif chosen == rejected:
+        reason = SAME_TEXT
+    elif same_tokens is not None and same_tokens(chosen, rejected):
+        reason = SAME_TOKENS
+    else:
+        return True
+    skipped[reason] += 1
+    return False
+
+
+def count_empty_prompt(example: dict, skipped: Counter) -> None:
+    if example["pairs"]:
+        skipped[EMPTY_PROMPT] += len(example["pairs"])
+    elif example.get("sft_target", "").strip():
+        skipped[EMPTY_PROMPT_SFT] += 1
+    else:
+        skipped[NOTHING_LEFT] += 1
 
 
 def add_pair(data: PreferenceData, prompt: str, chosen: str, rejected: str) -> None:

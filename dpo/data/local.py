@@ -6,6 +6,10 @@ Two row formats are understood, told apart by the first row's fields:
   the prompt (prompts kept from their start when too long);
 - HH transcript format: `{"chosen": ..., "rejected": ...}` holding full Anthropic-style
   transcripts, converted exactly as the `hh` dataset is (prompts kept from their end).
+
+A directory holds one train and one test file, recognised by name (see `split_of_file`), each
+possibly in shards (`train-00000-of-00003.parquet`, ...) and possibly under a `data/` subfolder,
+as the Hugging Face hub stores datasets.
 """
 
 from __future__ import annotations
@@ -15,14 +19,24 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from typing import Iterable, Iterator, Optional
 
-from dpo.data import LOCAL_SUFFIXES, PreferenceData, PreferenceSource, add_pair
+from dpo.data import DIRECTORY_HINT, LOCAL_SUFFIXES, PreferenceData, PreferenceSource, SplitData, add_pair
 from dpo.data.hh import hh_rows_to_data, transcript_prompt
 from dpo.errors import DataError
 
 SPLITS = ("train", "test")
+# The last word of a file's name that makes it a split's file: `dpo_train.jsonl`, `validation.parquet`.
+SPLIT_WORDS = {"train": ("train", "training"),
+               "test": ("test", "eval", "evaluation", "validation", "valid", "val", "dev")}
+EXAMPLE_NAMES = {"train": "train.jsonl or dpo_train.jsonl", "test": "test.jsonl or dpo_eval.jsonl"}
+WORD_SEPARATORS = re.compile(r"[_.-]")
+# The hub's shard numbering, `-00000-of-00003`, in older exports followed by a content hash.
+SHARD_NUMBER = re.compile(r"-(\d+)-of-(\d+)(?:-[0-9a-f]{8,})?$")
+HUB_DATA_FOLDER = "data"
+MAX_LISTED = 12
 TEST_PERCENT = 5
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 HH_FIELDS = ("chosen", "rejected")
@@ -122,7 +136,14 @@ def read_rows(path: str) -> list[LocatedRow]:
 def row_format(where: str, row) -> tuple[str, ...]:
     """The fields every row must have, decided by the first row: pair format or HH transcripts."""
     check_is_object(where, row)
-    return PAIR_FIELDS if "prompt" in row else HH_FIELDS
+    for fields in (PAIR_FIELDS, HH_FIELDS):
+        if all(field in row for field in fields):
+            return fields
+    raise DataError(
+        f"{where} fits neither accepted row format (its fields are: {', '.join(row) or 'none'}); give each row "
+        f"the strings {PAIR_EXAMPLE}, or HH transcripts in 'chosen' and 'rejected' (whole "
+        "'\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues), renaming your fields to one of these"
+    )
 
 
 def check_is_object(where: str, row) -> None:
@@ -182,12 +203,135 @@ def held_out_prompts(prompts: Iterable[str]) -> set[str]:
     return set(ordered[:n_test])
 
 
+# ---- finding the files of a directory's splits ----------------------------------------------
+
+def name_parts(name: str) -> tuple[str, str]:
+    """A data file's name split before its suffix: ('data/train-00000-of-00002', '.parquet.gz')."""
+    suffix = data_suffix(name) + (".gz" if name.endswith(".gz") else "")
+    return name[: -len(suffix)], suffix
+
+
+def split_of_file(name: str) -> Optional[str]:
+    """'train' or 'test' when a data file's name says which split it holds, else None.
+
+    The rule: take the file name without its folder, its data suffix (.jsonl, .json, .parquet,
+    optionally .gz) and a shard number like `-00000-of-00003`; its last word, after the last `_`,
+    `-` or `.`, ignoring case, must be one of the split's words (`SPLIT_WORDS`). So `train.jsonl`,
+    `dpo_train.jsonl`, `train-00000-of-00001.parquet` and `my.valid.json.gz` name splits, while
+    `contest.jsonl` and `train_sft.jsonl` do not.
+    """
+    if data_suffix(name) is None:
+        return None
+    stem = SHARD_NUMBER.sub("", os.path.basename(name_parts(name)[0]))
+    last_word = WORD_SEPARATORS.split(stem.lower())[-1]
+    return next((split for split, words in SPLIT_WORDS.items() if last_word in words), None)
+
+
+def file_group(name: str) -> str:
+    """The group of a file's shards: its name with the shard number blanked (`data/train-*-of-00003.parquet`)."""
+    head, suffix = name_parts(name)
+    return SHARD_NUMBER.sub(lambda match: f"-*-of-{match.group(2)}", head) + suffix
+
+
+def directory_files(directory: str) -> list[str]:
+    """The files of `directory` and of its `data/` subfolder (named `data/<file>`), sorted."""
+    names = [name for name in os.listdir(directory) if os.path.isfile(os.path.join(directory, name))]
+    hub_folder = os.path.join(directory, HUB_DATA_FOLDER)
+    if os.path.isdir(hub_folder):
+        names += [f"{HUB_DATA_FOLDER}/{name}" for name in os.listdir(hub_folder)
+                  if os.path.isfile(os.path.join(hub_folder, name))]
+    return sorted(names)
+
+
+def directory_listing(directory: str) -> str:
+    """What the directory holds, for error messages: folders end in '/', long listings are cut."""
+    names = sorted(name + "/" if os.path.isdir(os.path.join(directory, name)) else name
+                   for name in os.listdir(directory))
+    if f"{HUB_DATA_FOLDER}/" in names:
+        names += sorted(f"{HUB_DATA_FOLDER}/{name}" for name in os.listdir(os.path.join(directory, HUB_DATA_FOLDER)))
+    if len(names) > MAX_LISTED:
+        names = names[:MAX_LISTED] + [f"and {len(names) - MAX_LISTED} more"]
+    return ", ".join(names) or "nothing"
+
+
+def split_files(directory: str, name: str) -> dict[str, list[str]]:
+    """The file, or the shards of the file, that holds each split, as names relative to `directory`.
+
+    Each split must be named by exactly one file or one complete set of shards (see `split_of_file`).
+    """
+    files = directory_files(directory)
+    found = {}
+    for split in SPLITS:
+        groups: dict[str, list[str]] = {}
+        for file in files:
+            if split_of_file(file) == split:
+                groups.setdefault(file_group(file), []).append(file)
+        if not groups:
+            raise no_split_file(directory, name, split)
+        if len(groups) > 1:
+            raise several_split_files(name, split, groups)
+        (found[split],) = groups.values()
+        check_shards_complete(name, split, found[split])
+    return found
+
+
+def no_split_file(directory: str, name: str, split: str) -> DataError:
+    words = SPLIT_WORDS[split]
+    return DataError(
+        f"directory {name} has no {split} file (it holds: {directory_listing(directory)}); add one such as "
+        f"{EXAMPLE_NAMES[split]}: accepted names are {', '.join(words[:-1])} or {words[-1]}, alone or after a prefix "
+        f"ending in _, - or ., then optionally a shard number like -00000-of-00003, then {SUPPORTED}, in the "
+        f"directory or its {HUB_DATA_FOLDER}/ subfolder"
+    )
+
+
+def several_split_files(name: str, split: str, groups: dict[str, list[str]]) -> DataError:
+    files = sorted(file for shards in groups.values() for file in shards)
+    note = " (the shards of one file count as one)" if any(len(shards) > 1 for shards in groups.values()) else ""
+    return DataError(f"directory {name} has several {split} files ({', '.join(files)}); keep exactly one{note}")
+
+
+def check_shards_complete(name: str, split: str, shards: list[str]) -> None:
+    """Refuse a partial set of shards (an interrupted download would otherwise train on part of the data)."""
+    numbers = [SHARD_NUMBER.search(name_parts(shard)[0]) for shard in shards]
+    if numbers[0] is None:
+        return
+    total = int(numbers[0].group(2))
+    if sorted(int(number.group(1)) for number in numbers) != list(range(total)):
+        raise DataError(
+            f"directory {name} has the {split} shards {', '.join(shards)}, but their names promise shards 0 to "
+            f"{total - 1} once each; add the missing shards (was a download interrupted?) or remove the extra ones"
+        )
+
+
+# Which files became which split is printed once per process, though train and test are loaded apart.
+_REPORTED_LAYOUTS: set[str] = set()
+
+
+def report_layout(name: str, files: dict[str, list[str]]) -> None:
+    line = f"dataset {name}: " + "; ".join(f"{split} <- {', '.join(names)}" for split, names in files.items())
+    if line not in _REPORTED_LAYOUTS:
+        _REPORTED_LAYOUTS.add(line)
+        print(line)
+
+
+def checked_rows(paths: list[str]) -> tuple[list[LocatedRow], tuple[str, ...]]:
+    """The rows of the files, in order, all checked against the fields the first row calls for."""
+    rows = [located for path in paths for located in read_rows(path)]
+    fields = row_format(*rows[0])
+    for where, row in rows:
+        check_row(where, row, fields)
+    return rows, fields
+
+
 class LocalPreferenceFiles(PreferenceSource):
     """Preference pairs from a local file or directory (see the module docstring for row formats).
 
     `path` is either
-    - a directory holding exactly one `train.*` and one `test.*` file, each .jsonl, .json or
-      .parquet, optionally gzipped (`train.jsonl.gz`); each split is read from its file; or
+    - a directory holding one train and one test file (`split_of_file` says which name is
+      which: `train.jsonl`, `dpo_eval.jsonl`, `validation.parquet.gz`, ...), each .jsonl, .json or
+      .parquet, optionally gzipped, or in shards (`train-00000-of-00002.parquet`, read in order),
+      directly or under `data/`; each split is read from its file(s); or
     - a single such file, split by prompt so that no prompt is in both splits: prompts are sorted
       by the SHA-256 of their text and the first ceil(5%) of them (none when the file has a
       single prompt) are 'test', the rest 'train'. The split is the same on every machine and
@@ -195,9 +339,11 @@ class LocalPreferenceFiles(PreferenceSource):
       their prompt belongs to.
 
     .jsonl files hold one object per line (blank lines ignored); .json files hold an array of
-    objects or JSON lines; .parquet files are read with pyarrow. `truncation_mode` is set when
-    `load` detects the row format.
+    objects or JSON lines; .parquet files are read with pyarrow. The truncation mode depends on
+    the row format, so `load_split` returns it with the data.
     """
+
+    truncation_mode = None  # known only once the files are read: see load_split
 
     def __init__(self, path: str) -> None:
         super().__init__()
@@ -205,56 +351,36 @@ class LocalPreferenceFiles(PreferenceSource):
         self.path = os.path.expanduser(path)
 
     def load(self, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> PreferenceData:
+        return self.load_split(split, silent=silent, cache_dir=cache_dir).data
+
+    def load_split(self, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> SplitData:
         if split not in SPLITS:
             raise DataError(f"local dataset {self.name} has splits 'train' and 'test', not '{split}'; use one of those")
         self.skipped.clear()
-        if os.path.isdir(self.path):
-            rows, fields = self.checked_rows(self.split_files()[split])
-        else:
-            rows, fields = self.checked_rows(self.single_file())
-            rows = self.rows_of_split(rows, fields, split)
+        rows, fields = self.split_rows(split, silent)
         if fields == HH_FIELDS:
-            self.truncation_mode = "keep_end"
-            return hh_rows_to_data(rows, self.skipped)
-        self.truncation_mode = "keep_start"
-        return pair_rows_to_data(rows, self.skipped)
+            return SplitData(hh_rows_to_data(rows, self.skipped), "keep_end")
+        return SplitData(pair_rows_to_data(rows, self.skipped), "keep_start")
+
+    def split_rows(self, split: str, silent: bool) -> tuple[list[LocatedRow], tuple[str, ...]]:
+        """The checked rows of `split` and the row format they share."""
+        if os.path.isdir(self.path):
+            files = split_files(self.path, self.name)
+            if not silent:
+                report_layout(self.name, files)
+            return checked_rows([os.path.join(self.path, file) for file in files[split]])
+        rows, fields = checked_rows([self.single_file()])
+        return self.rows_of_split(rows, fields, split), fields
 
     def single_file(self) -> str:
         if not os.path.exists(self.path):
             raise DataError(
                 f"dataset path {self.name} does not exist; give a .jsonl, .json or .parquet file "
-                "(optionally .gz) or a directory holding train.* and test.* files"
+                f"(optionally .gz) or {DIRECTORY_HINT}"
             )
         if data_suffix(self.path) is None:
             raise DataError(f"{self.name} has an unsupported suffix; use {SUPPORTED}")
         return self.path
-
-    def split_files(self) -> dict[str, str]:
-        """The directory's train.* and test.* files; both must exist, once each."""
-        entries = sorted(os.listdir(self.path))
-        files = {}
-        for split in SPLITS:
-            candidates = [name for name in entries if name.startswith(split + ".") and data_suffix(name)]
-            if not candidates:
-                raise DataError(
-                    f"directory {self.name} has no {split} file (it holds: {', '.join(entries) or 'nothing'}); "
-                    f"add {split}.jsonl, {split}.json or {split}.parquet (optionally .gz)"
-                )
-            if len(candidates) > 1:
-                raise DataError(
-                    f"directory {self.name} has several {split} files ({', '.join(candidates)}); keep exactly one"
-                )
-            files[split] = os.path.join(self.path, candidates[0])
-        return files
-
-    @staticmethod
-    def checked_rows(path: str) -> tuple[list[LocatedRow], tuple[str, ...]]:
-        """The file's rows, all checked against the fields the first row calls for."""
-        rows = read_rows(path)
-        fields = row_format(*rows[0])
-        for where, row in rows:
-            check_row(where, row, fields)
-        return rows, fields
 
     def rows_of_split(self, rows: list[LocatedRow], fields: tuple[str, ...], split: str) -> list[LocatedRow]:
         """The rows of a single file whose prompt falls in `split` (see the class docstring)."""
@@ -263,7 +389,7 @@ class LocalPreferenceFiles(PreferenceSource):
         if split == "test" and not test_prompts:
             raise DataError(
                 f"{self.name} holds a single prompt, too few to hold one out for the test "
-                "split; add more prompts or give a directory with train.* and test.* files"
+                "split; add more prompts or give a directory with a train and a test file"
             )
         in_test = split == "test"
         return [located for located, prompt in zip(rows, prompts) if (prompt in test_prompts) == in_test]
