@@ -115,11 +115,11 @@ def _check_missing(config: DictConfig) -> None:
 
 def _check_known_keys(config: DictConfig) -> None:
     """Refuse keys that no config file defines (e.g. `+resume=true`): they would be silently ignored."""
-    _check_keys_defined_in(config, "config.yaml", prefix="", also={"model", "loss"})
+    _check_keys_defined_in(config, "config.yaml", prefix="", also=("model", "loss"))
     _check_keys_defined_in(config.model, os.path.join("model", "blank_model.yaml"), prefix="model.")
 
 
-def _check_keys_defined_in(node: DictConfig, schema_file: str, prefix: str, also: frozenset = frozenset()) -> None:
+def _check_keys_defined_in(node: DictConfig, schema_file: str, prefix: str, also: tuple[str, ...] = ()) -> None:
     path = os.path.join(CONFIG_DIR, schema_file)
     if not os.path.isfile(path):  # an installed package without the config folder: nothing to compare with
         return
