@@ -126,6 +126,9 @@ class BatchPlan:
     n_examples: Optional[int]
     seed: int
     drop_last: bool
+    start_batch: int = 0  # batches to pass over untokenized: a resumed run continues where it stopped
+    dp_rank: int = 0  # this process reads slice dp_rank of dp_size of every batch
+    dp_size: int = 1
 
 
 def flatten_examples(names: list[str], split: str, tokenizer: PreTrainedTokenizerBase, sft_mode: bool = False,
@@ -169,19 +172,26 @@ def get_batch_iterator(names: list[str], tokenizer: PreTrainedTokenizerBase, spl
                        batch_size: int = 1, shuffle: bool = True, max_length: int = 512,
                        max_prompt_length: int = 128, sft_mode: bool = False, n_epochs: Optional[int] = None,
                        n_examples: Optional[int] = None, seed: int = 0, silent: bool = False,
-                       cache_dir: Optional[str] = None, drop_last: bool = True) -> Iterator[dict]:
+                       cache_dir: Optional[str] = None, drop_last: bool = True, start_batch: int = 0,
+                       dp_rank: int = 0, dp_size: int = 1) -> Iterator[dict]:
     """Yield collated batches of `names`' `split` for `n_epochs` epochs or `n_examples` examples.
 
     An example is a preference pair, or a prompt's SFT target when `sft_mode`. The whole data is
     shuffled (with `seed`) at each epoch. With `drop_last` (training), a final partial batch is
     dropped so that every step has `batch_size` examples; evaluation keeps it.
+
+    `batch_size` is the global batch. With `dp_size` > 1 each process gets its own contiguous
+    slice, `dp_rank` of `dp_size`, of every batch; a batch that does not divide evenly (evaluation's
+    last) is filled up by repeating its last example, marked in the batch's `is_padding` list.
+    `start_batch` skips that many batches without tokenizing them, so that a resumed run reads
+    exactly the batches the interrupted one would have read next.
     """
     if n_epochs is None and n_examples is None:
         raise ValueError("get_batch_iterator needs n_epochs or n_examples")
     # Load and check all data now, so that bad data stops the run before any model is loaded.
     examples = flatten_examples(names, split, tokenizer, sft_mode=sft_mode, silent=silent, cache_dir=cache_dir)
     plan = BatchPlan(batch_size, shuffle, max_length, max_prompt_length, sft_mode, n_epochs, n_examples, seed,
-                     drop_last)
+                     drop_last, start_batch, dp_rank, dp_size)
     return BatchIterator(_batches(examples, tokenizer, plan, f"datasets {list(names)} ({split})"),
                          planned_examples(examples, plan))
 
@@ -214,27 +224,38 @@ def planned_examples(examples: list[Example], plan: BatchPlan) -> int:
     return wanted if plan.n_epochs is None else min(wanted, per_epoch * plan.n_epochs)
 
 
+# One example of a batch before tokenization: an Example with the texts of its chosen and rejected response.
+_Item = tuple[Example, str, str]
+
+
 def _batches(examples: list[Example], tokenizer, plan: BatchPlan, label: str) -> Iterator[dict]:
     collate = get_collate_fn(tokenizer)
+    for index, items in enumerate(_global_batches(examples, plan, label)):
+        if index >= plan.start_batch:
+            yield collate(_local_elements(items, tokenizer, plan))
+
+
+def _global_batches(examples: list[Example], plan: BatchPlan, label: str) -> Iterator[list[_Item]]:
+    """The untokenized global batches, in order: cheap to pass over when resuming."""
     rng = random.Random(plan.seed)
     epoch, example_count = 0, 0
     while plan.n_epochs is None or epoch < plan.n_epochs:
         if plan.shuffle:
             rng.shuffle(examples)
         batch, epoch_size = [], 0
-        for element in _elements(examples, tokenizer, plan):
-            batch.append(element)
+        for item in _items(examples, plan.sft_mode):
+            batch.append(item)
             epoch_size += 1
             example_count += 1
             reached = plan.n_examples is not None and example_count >= plan.n_examples
             # Like the reference, training rounds n_examples up to a whole batch.
             if len(batch) == plan.batch_size or (reached and not plan.drop_last):
-                yield collate(batch)
+                yield batch
                 batch = []
                 if reached:
                     return
         if batch and not plan.drop_last:
-            yield collate(batch)
+            yield batch
         if epoch_size == 0 or (plan.drop_last and epoch_size < plan.batch_size):
             kind = "SFT targets" if plan.sft_mode else "pairs"
             raise DataError(f"{label} hold {epoch_size} {kind}, fewer than one batch of {plan.batch_size}; "
@@ -242,19 +263,33 @@ def _batches(examples: list[Example], tokenizer, plan: BatchPlan, label: str) ->
         epoch += 1
 
 
-def _elements(examples: list[Example], tokenizer, plan: BatchPlan) -> Iterator[dict]:
-    def tokenize(example: Example, chosen: str, rejected: str) -> dict:
-        return tokenize_batch_element(example.prompt, chosen, rejected, example.truncation_mode, tokenizer,
-                                      plan.max_length, plan.max_prompt_length)
-
+def _items(examples: list[Example], sft_mode: bool) -> Iterator[_Item]:
     for example in examples:
-        if plan.sft_mode:
-            if not example.sft_target:
-                continue
-            element = tokenize(example, example.sft_target, example.sft_target)
-            element = {k: v for k, v in element.items() if "rejected" not in k}
-            yield {**element, "dataset": example.dataset}
+        if sft_mode:
+            if example.sft_target:
+                yield example, example.sft_target, example.sft_target
         else:
             for chosen, rejected in example.pairs:
-                element = tokenize(example, example.responses[chosen], example.responses[rejected])
-                yield {**element, "dataset": example.dataset}
+                yield example, example.responses[chosen], example.responses[rejected]
+
+
+def _local_elements(items: list[_Item], tokenizer, plan: BatchPlan) -> list[dict]:
+    """Tokenized batch elements of this process's slice of `items` (all of them in one process)."""
+    padding = [False] * len(items)
+    if plan.dp_size > 1:
+        per_rank = -(-len(items) // plan.dp_size)
+        missing = per_rank * plan.dp_size - len(items)
+        items, padding = items + items[-1:] * missing, padding + [True] * missing
+        start = plan.dp_rank * per_rank
+        items, padding = items[start:start + per_rank], padding[start:start + per_rank]
+    elements = []
+    for (example, chosen, rejected), is_padding in zip(items, padding):
+        element = tokenize_batch_element(example.prompt, chosen, rejected, example.truncation_mode, tokenizer,
+                                         plan.max_length, plan.max_prompt_length)
+        if plan.sft_mode:
+            element = {k: v for k, v in element.items() if "rejected" not in k}
+        element["dataset"] = example.dataset
+        if plan.dp_size > 1:
+            element["is_padding"] = is_padding
+        elements.append(element)
+    return elements

@@ -228,6 +228,7 @@ def write_hf_export(directory: str, model: nn.Module, tokenizer=None,
     # a copy: transformers 5 empties the state dict it is given
     model.save_pretrained(directory, state_dict=dict(state) if state is not None else None)
     keys, problems = legacy_config_keys(model.config)
+    keys["architectures"] = [model_class_name(model)]
     _add_json_keys(os.path.join(directory, "config.json"), keys)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -235,14 +236,26 @@ def write_hf_export(directory: str, model: nn.Module, tokenizer=None,
     return problems
 
 
+def model_class_name(model: nn.Module) -> str:
+    """The model's own class name, also when FSDP2 has swapped its class for a wrapper (`FSDP<name>`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed support
+        return type(model).__name__
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)).__name__
+
+
 def _add_json_keys(path: str, keys: Mapping[str, Any]) -> None:
-    """Add `keys` to a JSON object file, keeping any that are already there."""
+    """Add `keys` to a JSON object file, keeping any that are already there (except `architectures`)."""
     if not keys:
         return
     with open(path) as file:
         content = json.load(file)
     for key, value in keys.items():
-        content.setdefault(key, value)
+        if key == "architectures":
+            content[key] = value
+        else:
+            content.setdefault(key, value)
     _write_json(path, content)
 
 
@@ -297,25 +310,51 @@ def write_checkpoint(directory: str, step_idx: int, metrics: Mapping[str, Any],
     too (see `write_hf_export`); its weights are `hf_state` (default: `states["policy.pt"]`), which a
     parallel trainer gathers from its shards.
     """
-    partial = directory.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # debris of a write that was killed
-    os.makedirs(partial)
+    partial = start_checkpoint(directory)
     try:
-        for filename, state in states.items():
-            payload = {"step_idx": step_idx, "state": state, "metrics": dict(metrics)}
-            _save_synced(payload, os.path.join(partial, filename))
-        problems = []
-        if hf_model is not None:
-            state = hf_state if hf_state is not None else states.get("policy.pt")
-            problems = write_hf_export(partial, hf_model, tokenizer, state)
+        problems = write_checkpoint_files(partial, step_idx, metrics, states, hf_model, tokenizer, hf_state)
     except BaseException:  # a full disk, Ctrl-C: give the space back; the previous checkpoint is untouched
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finish_checkpoint(partial, directory, problems)
+
+
+def partial_directory(directory: str) -> str:
+    """Where a checkpoint is written before it becomes `directory`."""
+    return directory.rstrip("/") + ".partial"
+
+
+def start_checkpoint(directory: str) -> str:
+    """An empty `<directory>.partial` to write a checkpoint into (parallel trainers: from every process)."""
+    partial = partial_directory(directory)
+    shutil.rmtree(partial, ignore_errors=True)  # debris of a write that was killed
+    os.makedirs(partial)
+    return partial
+
+
+def write_checkpoint_files(partial: str, step_idx: int, metrics: Mapping[str, Any],
+                           states: Mapping[str, Mapping[str, Any]], hf_model: Optional[nn.Module] = None,
+                           tokenizer=None, hf_state: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """The reference-format files (and the Hugging Face copy) of `write_checkpoint`, into `partial`.
+
+    Returns what transformers 4.29.2 could not represent of the Hugging Face copy.
+    """
+    for filename, state in states.items():
+        payload = {"step_idx": step_idx, "state": state, "metrics": dict(metrics)}
+        save_synced(payload, os.path.join(partial, filename))
+    if hf_model is None:
+        return []
+    state = hf_state if hf_state is not None else states.get("policy.pt")
+    return write_hf_export(partial, hf_model, tokenizer, state)
+
+
+def finish_checkpoint(partial: str, directory: str, problems: Optional[list[str]] = None) -> None:
+    """Make the complete `partial` become `directory`, atomically."""
     _replace_directory(partial, directory)
-    _warn_about_legacy_problems(directory, problems)
+    _warn_about_legacy_problems(directory, problems or [])
 
 
-def _save_synced(payload: Any, path: str) -> None:
+def save_synced(payload: Any, path: str) -> None:
     with open(path, "wb") as file:
         torch.save(payload, file)
         file.flush()

@@ -53,8 +53,8 @@ def register_resolvers() -> None:
 def validate_config(config: DictConfig) -> None:
     """Check every value `train.py` relies on, before anything is loaded; warn about suspicious ones.
 
-    It also rounds `eval_every` down to a multiple of `batch_size` (with a warning), the one
-    value it adjusts. Loss settings are checked by `build_loss`.
+    It also rounds `eval_every` and `save_every` down to a multiple of `batch_size` (with a
+    warning), the only values it adjusts. Loss settings are checked by `build_loss`.
     """
     _check_missing(config)
     _check_known_keys(config)
@@ -74,8 +74,8 @@ def validate_config(config: DictConfig) -> None:
                           "or responses would get no tokens")
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError("set n_epochs or n_examples: both are null, so training would never end")
-    for key in ("n_epochs", "n_examples"):
-        if config[key] is not None:
+    for key in ("n_epochs", "n_examples", "save_every", "nproc_per_node", "tensor_parallel_size", "fsdp_port"):
+        if config.get(key) is not None:
             _check_integer(config, key, minimum=1)
     _check_number(config, "lr", "a positive number (e.g. lr=5e-7)", lambda value: value > 0)
     _check_number(config, "minimum_log_interval_secs", "a non-negative number of seconds", lambda value: value >= 0)
@@ -91,15 +91,17 @@ def validate_config(config: DictConfig) -> None:
         raise ConfigError("model.name_or_path is required: a hub name or local directory "
                           "(or choose a model config, e.g. model=pythia28 or model=tiny)")
     _check_datasets(config.datasets)
-    _round_eval_every(config)
+    for key in ("eval_every", "save_every"):
+        _round_to_batches(config, key)
 
 
-def _round_eval_every(config: DictConfig) -> None:
-    if config.eval_every % config.batch_size:
-        adjusted = max(config.batch_size, config.eval_every - config.eval_every % config.batch_size)
-        print(f"warning: eval_every={config.eval_every} is not a multiple of batch_size={config.batch_size}; "
-              f"using eval_every={adjusted}")
-        config.eval_every = adjusted
+def _round_to_batches(config: DictConfig, key: str) -> None:
+    """Steps end at multiples of batch_size, so a cadence in examples must be one too."""
+    every = config.get(key)
+    if every is not None and every % config.batch_size:
+        adjusted = max(config.batch_size, every - every % config.batch_size)
+        print(f"warning: {key}={every} is not a multiple of batch_size={config.batch_size}; using {key}={adjusted}")
+        config[key] = adjusted
 
 
 def _check_missing(config: DictConfig) -> None:
@@ -154,10 +156,10 @@ def _check_optimizer(name: str) -> None:
 
 
 def _check_trainer(name: str) -> None:
-    from dpo.trainers import TRAINERS
+    from dpo.trainers import TRAINER_NAMES
 
-    if name not in TRAINERS:
-        raise ConfigError(f"trainer={name} is not available: valid trainers are {', '.join(sorted(TRAINERS))}")
+    if name not in TRAINER_NAMES:
+        raise ConfigError(f"trainer={name} is not available: valid trainers are {', '.join(TRAINER_NAMES)}")
 
 
 def _check_datasets(names) -> None:

@@ -49,7 +49,9 @@ class MetricsSink:
     """Fans metric events out to stdout, metrics.jsonl and wandb; silent on non-main processes."""
 
     def __init__(self, run_dir: str, enabled: bool = True, wandb_config: Optional[Mapping[str, Any]] = None,
-                 run_name: Optional[str] = None, config_dict: Optional[dict] = None):
+                 run_name: Optional[str] = None, config_dict: Optional[dict] = None,
+                 wandb_id: Optional[str] = None):
+        """`wandb_id` continues that wandb run (a resumed training run) instead of starting a new one."""
         self.enabled = enabled
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb = None
@@ -58,8 +60,14 @@ class MetricsSink:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             wandb.init(entity=wandb_config.get("entity"), project=wandb_config.get("project"), config=config_dict,
-                       dir=run_dir, name=run_name, mode=wandb_mode())
+                       dir=run_dir, name=run_name, mode=wandb_mode(), id=wandb_id,
+                       resume="allow" if wandb_id else None)
             self.wandb = wandb
+
+    @property
+    def wandb_id(self) -> Optional[str]:
+        """The wandb run's id, kept in checkpoints so that a resumed run logs to the same wandb run."""
+        return self.wandb.run.id if self.wandb is not None and self.wandb.run is not None else None
 
     def log(self, metrics: Mapping[str, Any], step: int, event: str, echo: bool = True) -> None:
         if not self.enabled:

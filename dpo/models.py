@@ -7,6 +7,7 @@ instead builds a fresh model from a config dict (e.g. the `tiny` model), with no
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Any, Mapping, Optional
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from dpo.checkpoints import load_policy_state
 from dpo.errors import ConfigError
 
 CHAR_TOKENIZER = "char"
@@ -119,3 +121,35 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+def load_models(config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, needs_reference: bool,
+                cache_dir: Optional[str], archive: Optional[Mapping[str, Any]] = None,
+                resume_state: Optional[Mapping[str, Any]] = None, verbose: bool = True):
+    """The policy and, if the loss needs one, the frozen reference model, both on the CPU.
+
+    Both start from `archive` (the `policy.pt` that `model.archive` names) if given. A resumed run
+    then loads its checkpoint's policy weights (`resume_state`) into the policy only: the
+    reference model stays what the run started with.
+    """
+    torch.manual_seed(config["seed"])  # a model built from a config gets the same initial weights every run
+    model_config = config["model"]
+    policy = load_model(model_config, tokenizer, torch_dtype(model_config["policy_dtype"], "model.policy_dtype"),
+                        cache_dir=cache_dir)
+    if archive is not None:
+        load_policy_state(policy, archive["state"], model_config["archive"])
+        if verbose:
+            print(f"loaded model.archive={model_config['archive']} (step {archive.get('step_idx')})")
+    reference_model = None
+    if needs_reference:
+        reference_dtype = torch_dtype(model_config["reference_dtype"], "model.reference_dtype")
+        if model_config.get("from_config"):
+            reference_model = copy.deepcopy(policy).to(reference_dtype)
+        else:
+            reference_model = load_model(model_config, tokenizer, reference_dtype, cache_dir=cache_dir)
+            if archive is not None:
+                load_policy_state(reference_model, archive["state"], model_config["archive"])
+        reference_model.requires_grad_(False)
+    if resume_state is not None:
+        load_policy_state(policy, resume_state, "the checkpoint to resume from", label="the resumed policy.pt")
+    return policy, reference_model

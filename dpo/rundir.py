@@ -45,11 +45,16 @@ def check_run_dir_is_free(run_dir: str, overwrite: bool) -> None:
 
 
 @contextmanager
-def open_run_dir(run_dir: str, overwrite: bool = False) -> Iterator[str]:
+def open_run_dir(run_dir: str, overwrite: bool = False, resume: bool = False) -> Iterator[str]:
     """Create and lock `run_dir` for a new run; with `overwrite`, first delete an earlier run's files.
 
-    The lock is released when the block ends, however it ends.
+    With `resume`, lock the existing run in `run_dir` to continue it, keeping its files. The lock
+    is released when the block ends, however it ends.
     """
+    if resume:
+        with run_lock(run_dir):
+            yield run_dir
+        return
     check_run_dir_is_free(run_dir, overwrite)
     try:
         os.makedirs(run_dir, exist_ok=True)

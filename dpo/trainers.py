@@ -1,9 +1,13 @@
-"""Trainers: the training loop, evaluation, sampling and checkpointing.
+"""Trainers: the training loop, evaluation, sampling, checkpointing and resuming.
 
 `BasicTrainer` runs on one device. It knows nothing about any particular loss: it computes log-probs
-through `dpo.logps.forward_logps` (for the reference model only when `loss.needs_reference`) and
-hands them to the loss module. Trainers for parallel setups subclass it and override only what
-parallelism changes: `clip_gradient`, `gather`, the state dicts and the process rank.
+through `policy_logps` and `reference_logps` (the latter only when `loss.needs_reference`) and hands
+them to the loss module. `FSDPTrainer` and `TensorParallelTrainer` (dpo/parallel.py) subclass it and
+override only what parallelism changes: how models are placed, the gradient norm, how the policy's
+full weights and the optimizer state are gathered and restored, and how samples are generated.
+
+A checkpoint holds everything a run needs to continue exactly (`load_checkpoint`): the policy,
+the optimizer and scheduler, the counters and every process's random state.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -21,15 +26,19 @@ import tqdm
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dpo.checkpoints import to_reference_names, write_checkpoint
-from dpo.errors import RunDirError, TrainingError
-from dpo.logps import forward_logps
+from dpo.checkpoints import (finish_checkpoint, partial_directory, save_synced, start_checkpoint, to_reference_names,
+                             write_checkpoint_files)
+from dpo.distributed import Processes, all_ranks_agree, barrier, gather_objects, gather_values, single_process
+from dpo.errors import CheckpointError, RunDirError, TrainingError
+from dpo.logps import SequenceLogps, forward_logps
 from dpo.losses import PreferenceLoss
 from dpo.metrics import MetricsSink, mean_metrics
 from dpo.rundir import describe_os_error, newest_checkpoint
 
 # With nan_policy=skip, this many non-finite steps in a row mean the model will not recover: stop.
 MAX_CONSECUTIVE_SKIPS = 10
+# The file of a checkpoint that makes it resumable: counters and random states (dpo.resume reads it).
+TRAIN_STATE_FILE = "train_state.pt"
 
 Judge = Callable[[str, str], float]
 
@@ -52,14 +61,15 @@ class BasicTrainer:
     """The reference implementation's training loop on a single device (a GPU when one is visible).
 
     Every `eval_every` examples (and first, if `do_first_eval`, and once at the end) it evaluates on
-    `eval_batches`, optionally samples and judges, and saves a checkpoint to `step-N/`.
-    `save()` writes `LATEST/`.
+    `eval_batches`, optionally samples and judges, and saves a checkpoint to `step-N/`; every
+    `save_every` examples it saves one without evaluating. `save()` writes `LATEST/`.
+    `train_batches` yields this process's slice of every global batch of `config.batch_size`.
     """
 
     def __init__(self, config: DictConfig, policy: nn.Module, tokenizer, loss: PreferenceLoss,
                  train_batches: Iterable[dict], eval_batches: list[dict], run_dir: str,
                  reference_model: Optional[nn.Module] = None, judges: Optional[Mapping[str, Judge]] = None,
-                 sink: Optional[MetricsSink] = None, rank: int = 0, world_size: int = 1):
+                 sink: Optional[MetricsSink] = None, processes: Optional[Processes] = None):
         self.config = config
         self.policy = policy
         self.reference_model = reference_model
@@ -69,45 +79,51 @@ class BasicTrainer:
         self.eval_batches = eval_batches
         self.run_dir = run_dir
         self.judges = dict(judges or {})
-        self.rank, self.world_size = rank, world_size
+        self.processes = processes or single_process()
+        self.device = self.processes.device
         self.sink = sink or MetricsSink(run_dir, enabled=self.is_main_process)
         self.example_counter = 0
         self.batch_counter = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.resumed_at: Optional[int] = None  # the example count a resumed run continues from
         self.place_models()
         self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(config.warmup_steps))
 
     @property
     def is_main_process(self) -> bool:
-        return self.rank == 0
+        return self.processes.is_main
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def train(self) -> dict:
         """Train on all of `train_batches`; return the final evaluation's metrics."""
-        seed_everything(self.config.seed)
+        if self.resumed_at is None:
+            seed_everything(self.config.seed)
         if self.reference_model is not None:
             self.reference_model.eval()
-        last_log = None
+        last_log, metrics = None, {}
         total = getattr(self.train_batches, "n_examples", self.config.n_examples)
-        with tqdm.tqdm(total=total, unit="ex", desc="train", disable=not self.is_main_process,
-                       dynamic_ncols=True) as progress:
+        with tqdm.tqdm(total=total, initial=self.example_counter, unit="ex", desc="train", dynamic_ncols=True,
+                       disable=not self.is_main_process) as progress:
             for batch in self.train_batches:
-                if self.example_counter % self.config.eval_every == 0 and (
-                        self.example_counter > 0 or self.config.do_first_eval):
+                if self.due(self.config.eval_every) or (self.example_counter == 0 and self.config.do_first_eval):
                     metrics = self.evaluate()
-                    if self.example_counter > 0:
-                        self.save(os.path.join(self.run_dir, f"step-{self.example_counter}"), metrics)
+                if self.due(self.config.eval_every) or self.due(self.config.save_every):
+                    self.save(os.path.join(self.run_dir, f"step-{self.example_counter}"), metrics)
                 metrics = self.train_step(batch)
-                progress.update(batch_size_of(batch))
+                progress.update(self.config.batch_size)
                 show = last_log is None or time.time() - last_log > self.config.minimum_log_interval_secs
                 self.sink.log(metrics, self.example_counter, "train", echo=show)
                 if show:
                     last_log = time.time()
         return self.evaluate()
+
+    def due(self, every: Optional[int]) -> bool:
+        """True every `every` examples, except at the start and where a resumed run already did it."""
+        return bool(every) and self.example_counter % every == 0 and self.example_counter > 0 \
+            and self.example_counter != self.resumed_at
 
     def train_step(self, batch: dict) -> dict:
         """One optimizer step on `batch`, split into `gradient_accumulation_steps` micro-batches.
@@ -118,8 +134,7 @@ class BasicTrainer:
         self.policy.train()
         start = time.time()
         steps = self.config.gradient_accumulation_steps
-        size = batch_size_of(batch)
-        per_step = size // steps
+        per_step = batch_size_of(batch) // steps
         lists = defaultdict(list)
         for index in range(steps):
             microbatch = slice_batch(batch, index * per_step, (index + 1) * per_step)
@@ -134,17 +149,19 @@ class BasicTrainer:
             self.scheduler.step()
             self.batch_counter += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.example_counter += size
-        metrics.update({"examples_per_second": size / (time.time() - start), "grad_norm": grad_norm,
-                        "lr": self.scheduler.get_last_lr()[0], "counters/examples": self.example_counter,
-                        "counters/updates": self.batch_counter, "counters/skipped_steps": self.skipped_steps})
+        self.example_counter += self.config.batch_size
+        metrics.update({"examples_per_second": self.config.batch_size / (time.time() - start),
+                        "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                        "counters/examples": self.example_counter, "counters/updates": self.batch_counter,
+                        "counters/skipped_steps": self.skipped_steps})
         return metrics
 
     def step_is_finite(self, loss: float, grad_norm: float) -> bool:
         """True if the step may be applied; False if it is to be skipped (`nan_policy=skip`).
 
         Raises TrainingError to stop the run: under `nan_policy=stop`, or after
-        `MAX_CONSECUTIVE_SKIPS` skipped steps in a row (the model no longer recovers).
+        `MAX_CONSECUTIVE_SKIPS` skipped steps in a row (the model no longer recovers). Every process
+        sees the same global loss and norm, so all take the same branch.
         """
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.consecutive_skips = 0
@@ -175,13 +192,10 @@ class BasicTrainer:
         return f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
 
     def batch_metrics(self, batch: dict, train: bool) -> tuple[Tensor, dict[str, list[float]]]:
-        """(mean loss, per-example metric values) of `batch` under the configured loss."""
+        """(mean loss of this process's rows, per-example metric values of the whole global batch)."""
         split = "train" if train else "eval"
-        policy_logps = forward_logps(self.policy, batch)
-        reference_logps = None
-        if self.loss.needs_reference:
-            with torch.no_grad():
-                reference_logps = forward_logps(self.reference_model, batch)
+        policy_logps = self.policy_logps(batch)
+        reference_logps = self.reference_logps(batch) if self.loss.needs_reference else None
         losses, chosen_rewards, rejected_rewards = self.loss(policy_logps, reference_logps)
         values = {f"loss/{split}": losses.detach(), f"logps_{split}/chosen": policy_logps.chosen.detach()}
         if policy_logps.rejected is not None:
@@ -191,7 +205,23 @@ class BasicTrainer:
             values[f"rewards_{split}/rejected"] = rejected_rewards
             values[f"rewards_{split}/accuracies"] = (chosen_rewards > rejected_rewards).float()
             values[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
-        return losses.mean(), {key: self.gather(value) for key, value in values.items()}
+        padding = batch.get("is_padding")
+        if padding is not None:
+            values["is_padding"] = torch.tensor(padding, dtype=torch.float32, device=losses.device)
+        gathered = gather_values(values, self.processes)
+        padding = gathered.pop("is_padding", None)
+        if padding is not None:  # rows that only fill up an uneven last eval batch count nowhere
+            gathered = {key: [v for v, pad in zip(values, padding) if not pad] for key, values in gathered.items()}
+        return losses.mean(), gathered
+
+    def policy_logps(self, batch: dict) -> SequenceLogps:
+        """Log-probs of the batch's responses under the policy, with gradients when training."""
+        return forward_logps(self.policy, batch)
+
+    def reference_logps(self, batch: dict) -> SequenceLogps:
+        """Log-probs of the batch's responses under the frozen reference model."""
+        with torch.no_grad():
+            return forward_logps(self.reference_model, batch)
 
     # ---- evaluation and samples ---------------------------------------------------------------
 
@@ -216,30 +246,56 @@ class BasicTrainer:
         return metrics
 
     def sample_and_judge(self) -> dict[str, list[float]]:
-        """Sample `n_eval_model_samples` eval prompts from policy (and reference); judge where possible."""
+        """Sample the first `n_eval_model_samples` eval prompts from policy (and reference); judge where possible.
+
+        Each data-parallel process samples its own slice of a batch; the rows are gathered in order.
+        """
         rows, scores = [], defaultdict(list)
         remaining = self.config.n_eval_model_samples
         for batch in self.eval_batches:
             if remaining <= 0:
                 break
-            batch = slice_batch(batch, 0, min(remaining, batch_size_of(batch)))
-            remaining -= batch_size_of(batch)
+            local_rows = self._rows_to_sample(batch, remaining)
+            if not self.processes.distributed:  # alone, sample only what is needed
+                batch = slice_batch(batch, 0, len(local_rows))
             models = {"policy": self.policy}
             if self.reference_model is not None:
                 models["reference"] = self.reference_model
             samples = {role: self.generate(model, batch) for role, model in models.items()}
-            for index, prompt in enumerate(batch["prompt"]):
-                row = {"prompt": prompt, **{role: texts[index] for role, texts in samples.items()}}
-                judge = self.judges.get(batch["dataset"][index])
-                if judge is not None:
-                    for role, texts in samples.items():
-                        row[f"judge_{role}"] = judge(prompt, texts[index])
-                        scores[f"judge_eval/{role}"].append(row[f"judge_{role}"])
-                rows.append(row)
+            local = [self._judged_row(batch, index, samples) for index in local_rows]
+            if self.processes.tp_rank != 0:  # tensor-parallel peers sampled the same rows
+                local = []
+            gathered = gather_objects((local, self._real_rows(batch)))
+            rows += [row for part, _ in gathered for row in part]
+            remaining -= sum(real for _, real in gathered) // self.processes.tp_size
+        for row in rows:
+            for role in ("policy", "reference"):
+                if f"judge_{role}" in row:
+                    scores[f"judge_eval/{role}"].append(row[f"judge_{role}"])
         self.sink.log_samples(rows, self.example_counter)
         if rows:
             self.sink.print("policy samples:\n" + "\n".join(repr(row["prompt"] + row["policy"]) for row in rows[:4]))
         return scores
+
+    def _rows_to_sample(self, batch: dict, remaining: int) -> list[int]:
+        """This process's rows of `batch` among the first `remaining` rows of the global batch."""
+        size = batch_size_of(batch)
+        first = self.processes.dp_rank * size  # processes hold equal contiguous slices
+        padding = batch.get("is_padding") or [False] * size
+        return [index for index in range(size) if first + index < remaining and not padding[index]]
+
+    @staticmethod
+    def _real_rows(batch: dict) -> int:
+        return batch_size_of(batch) - sum(batch.get("is_padding") or [])
+
+    def _judged_row(self, batch: dict, index: int, samples: Mapping[str, list[str]]) -> dict:
+        prompt = batch["prompt"][index]
+        row = {"prompt": prompt, **{role: texts[index] for role, texts in samples.items()}}
+        judge = self.judges.get(batch["dataset"][index])
+        if judge is not None:
+            for role, texts in samples.items():
+                row[f"judge_{role}"] = judge(prompt, texts[index])
+        return row
 
     def generate(self, model: nn.Module, batch: dict) -> list[str]:
         """Sampled continuations (response text only) of the batch's left-padded prompts."""
@@ -253,15 +309,21 @@ class BasicTrainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
+            # synced: sharded models need every process in every forward until all have finished
             output = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                    do_sample=True, pad_token_id=self.tokenizer.pad_token_id)
+                                    do_sample=True, pad_token_id=self.tokenizer.pad_token_id,
+                                    synced_gpus=self.processes.distributed)
         model.train(was_training)
         return self.tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save(self, output_dir: Optional[str] = None, metrics: Optional[Mapping[str, Any]] = None) -> None:
-        """Write a checkpoint to `output_dir` (default `LATEST/`, which also gets Hugging Face format)."""
+        """Write a checkpoint to `output_dir` (default `LATEST/`, which also gets Hugging Face format).
+
+        Every process takes part (the policy and optimizer may be sharded); the main process writes
+        the files into `<dir>.partial`, which becomes `<dir>` only when complete.
+        """
         if self.config.debug:
             self.sink.print("debug mode: not saving a checkpoint")
             return
@@ -269,50 +331,104 @@ class BasicTrainer:
         policy_state = self.policy_state_dict()
         bad = next((name for name, value in policy_state.items()
                     if value.is_floating_point() and not torch.isfinite(value).all()), None)
-        if bad is not None:
-            raise TrainingError(f"not writing {directory}: the policy's {bad} holds non-finite values; "
+        if not all_ranks_agree(bad is None):
+            what = f"{bad} holds" if bad else "weights (on another process) hold"
+            raise TrainingError(f"not writing {directory}: the policy's {what} non-finite values; "
                                 f"{self.divergence_advice()}; {self.last_checkpoint_note()}")
-        states = {"policy.pt": to_reference_names(policy_state, self.policy),
-                  "optimizer.pt": self.optimizer_state_dict(), "scheduler.pt": self.scheduler.state_dict()}
-        if self.is_main_process:
-            self.sink.print(f"writing checkpoint to {directory}")
-            try:
-                write_checkpoint(directory, self.example_counter, metrics or {}, states, tokenizer=self.tokenizer,
-                                 hf_model=self.policy if output_dir is None else None, hf_state=policy_state)
-            except (OSError, RuntimeError) as error:
-                # torch.save reports a failed write (a full disk) as a RuntimeError raised while handling the OSError.
-                os_error = error if isinstance(error, OSError) else error.__context__
-                if not isinstance(os_error, OSError):
-                    raise
-                raise RunDirError(f"cannot write checkpoint {directory}: {describe_os_error(os_error)}") from None
+        train_state = self.train_state()
+        try:
+            partial = start_checkpoint(directory) if self.is_main_process else partial_directory(directory)
+            barrier()
+            self.write_optimizer_state(partial)
+            barrier()
+            if self.is_main_process:
+                self.sink.print(f"writing checkpoint to {directory}")
+                states = {"policy.pt": to_reference_names(policy_state, self.policy),
+                          "scheduler.pt": self.scheduler.state_dict(), TRAIN_STATE_FILE: train_state}
+                problems = write_checkpoint_files(partial, self.example_counter, metrics or {}, states,
+                                                  tokenizer=self.tokenizer, hf_state=policy_state,
+                                                  hf_model=self.policy if output_dir is None else None)
+                finish_checkpoint(partial, directory, problems)
+        except BaseException as error:  # a full disk, Ctrl-C: give the space back; the previous checkpoint stays
+            if self.is_main_process:
+                shutil.rmtree(partial_directory(directory), ignore_errors=True)
+            _raise_as_run_dir_error(error, directory)
+            raise
+        barrier()
+
+    def train_state(self) -> dict:
+        """Counters and every process's random state: with the weights, all a resumed run needs."""
+        return {"example_counter": self.example_counter, "batch_counter": self.batch_counter,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "trainer": type(self).__name__, "world_size": self.processes.world_size,
+                "wandb_id": self.sink.wandb_id, "random_states": gather_objects(random_states())}
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Continue from the checkpoint in `directory` (its policy weights are already loaded).
+
+        Restores the optimizer, scheduler, counters and this process's random states.
+        """
+        state = _read_state(os.path.join(directory, TRAIN_STATE_FILE))
+        if state["trainer"] != type(self).__name__ or state["world_size"] != self.processes.world_size:
+            raise CheckpointError(f"{directory} was written by trainer={state['trainer']} with "
+                                  f"{state['world_size']} processes; resume it with the same trainer and number of "
+                                  f"processes (now trainer={type(self).__name__} with {self.processes.world_size})")
+        self.read_optimizer_state(directory)
+        self.scheduler.load_state_dict(_read_state(os.path.join(directory, "scheduler.pt")))
+        for key in ("example_counter", "batch_counter", "skipped_steps", "consecutive_skips"):
+            setattr(self, key, state[key])
+        set_random_states(state["random_states"][self.processes.rank])
+        self.resumed_at = self.example_counter
 
     # ---- what parallel trainers override ---------------------------------------------------------
 
     def place_models(self) -> None:
-        """Move (or, in parallel trainers, wrap) the models for training."""
+        """Move (or, in parallel trainers, shard) the models for training."""
         self.policy.to(self.device)
         if self.reference_model is not None:
             self.reference_model.to(self.device)
         if self.config.activation_checkpointing:
-            # transformers 5 renamed gradient_checkpointing_enable; keep working with 4.x.
-            enable = getattr(self.policy, "activation_checkpointing_enable", None) or \
-                self.policy.gradient_checkpointing_enable
-            enable()
+            enable_activation_checkpointing(self.policy)
 
     def clip_gradient(self) -> float:
         """Clip to `max_grad_norm` (null: no clipping); return the norm before clipping."""
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
 
-    def gather(self, values: Tensor) -> list[float]:
-        """Per-example values from every process, as floats (one process here)."""
-        return values.float().cpu().tolist()
-
     def policy_state_dict(self) -> dict:
+        """The policy's full state dict (on the main process; parallel trainers gather it there)."""
         return self.policy.state_dict()
 
-    def optimizer_state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+    def write_optimizer_state(self, partial: str) -> None:
+        if self.is_main_process:
+            save_synced({"step_idx": self.example_counter, "state": self.optimizer.state_dict(), "metrics": {}},
+                        os.path.join(partial, "optimizer.pt"))
+
+    def read_optimizer_state(self, directory: str) -> None:
+        self.optimizer.load_state_dict(_read_state(os.path.join(directory, "optimizer.pt")))
+
+
+def _raise_as_run_dir_error(error: BaseException, directory: str) -> None:
+    """A failed write (a full disk) as one sentence; torch.save reports it as a RuntimeError from the OSError."""
+    os_error = error if isinstance(error, OSError) else error.__context__
+    if isinstance(error, (OSError, RuntimeError)) and isinstance(os_error, OSError):
+        raise RunDirError(f"cannot write checkpoint {directory}: {describe_os_error(os_error)}") from None
+
+
+def _read_state(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing, so the checkpoint cannot be resumed from; resume from an "
+                              "earlier checkpoint by deleting this one, or start a new run")
+    return torch.load(path, map_location="cpu", weights_only=True)["state"]
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing works with sharded (FSDP2) and frozen parameters alike.
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed gradient_checkpointing_enable
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def seed_everything(seed: int) -> None:
@@ -321,4 +437,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-TRAINERS: dict[str, type[BasicTrainer]] = {"BasicTrainer": BasicTrainer}
+def random_states() -> dict:
+    """This process's random generators (python, numpy, torch CPU and CUDA), as plain savable values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss,
+                                                     cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_random_states(states: dict) -> None:
+    random.setstate(_as_tuples(states["python"]))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """Python's random state is nested tuples, which a round trip through torch.save may turn into lists."""
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
+
+
+TRAINER_NAMES = ("BasicTrainer", "FSDPTrainer", "TensorParallelTrainer")
+
+
+def trainer_class(name: str) -> type[BasicTrainer]:
+    """The trainer class called `name` (one of TRAINER_NAMES)."""
+    if name == "BasicTrainer":
+        return BasicTrainer
+    from dpo import parallel  # the parallel trainers import torch.distributed's FSDP and tensor-parallel parts
+
+    return getattr(parallel, name)

@@ -219,14 +219,14 @@ def _load_models_like_train(config: dict, tokenizer_name: str, tokenizer, policy
     """train.py's own loading of `model.archive=policy_path` into a policy and a reference model."""
     from omegaconf import OmegaConf
 
-    import train
     from dpo.checkpoints import read_archive
+    from dpo.models import load_models
 
     run_config = OmegaConf.create({"seed": 0, "model": {
         "name_or_path": None, "tokenizer_name_or_path": tokenizer_name, "from_config": config,
         "archive": policy_path, "policy_dtype": "float32", "reference_dtype": "float32"}})
     with contextlib.redirect_stdout(io.StringIO()):  # its "loaded model.archive=..." line
-        return train.load_models(run_config, tokenizer, True, None, read_archive(policy_path))
+        return load_models(run_config, tokenizer, True, None, read_archive(policy_path))
 
 
 def _same_ids(tokenizer, expected_ids: list) -> tuple[bool, str]:

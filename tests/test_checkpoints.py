@@ -26,7 +26,7 @@ if str(REPO_ROOT) not in sys.path:  # train.py (and dpo/) live in the repo root
     sys.path.insert(0, str(REPO_ROOT))
 
 import dpo.checkpoints  # noqa: E402
-import train  # noqa: E402
+import dpo.models  # noqa: E402
 from dpo.checkpoints import CHECKPOINT_FILES, load_policy_state, read_archive, write_checkpoint  # noqa: E402
 from dpo.errors import CheckpointError, UserError  # noqa: E402
 from dpo.models import build_char_tokenizer, load_model  # noqa: E402
@@ -507,7 +507,7 @@ def test_state_from_a_different_model_config(tmp_path):
         load_policy_state(model, read_archive(str(path))["state"], str(path))
 
 
-# ---- 6. train.load_models -----------------------------------------------------------------------
+# ---- 6. dpo.models.load_models -----------------------------------------------------------------------
 
 
 def models_config(archive, **model_overrides):
@@ -518,9 +518,9 @@ def models_config(archive, **model_overrides):
 
 
 def load_models(config, tokenizer, needs_reference: bool, cache_dir: str):
-    """train.load_models, given the archive as train.train reads it from model.archive."""
+    """dpo.models.load_models, given the archive as dpo.run reads it from model.archive."""
     archive = read_archive(config.model.archive) if config.model.archive else None
-    return train.load_models(config, tokenizer, needs_reference, cache_dir, archive)
+    return dpo.models.load_models(config, tokenizer, needs_reference, cache_dir, archive)
 
 
 def test_load_models_from_archive(tmp_path, tokenizer, capsys):

@@ -190,5 +190,6 @@ def test_ctrl_c_names_the_last_complete_checkpoint(tmp_path):
     assert "Traceback" not in stderr
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"error: interrupted; the last complete checkpoint is {run_dir}/step-")
-    assert os.path.isfile(last_line.split(" is ")[-1] + "/policy.pt")
+    assert last_line.endswith(f"; continue with resume={run_dir}")
+    assert os.path.isfile(last_line.split(" is ")[-1].split(";")[0] + "/policy.pt")
     assert not (run_dir / LOCK_FILE).exists()

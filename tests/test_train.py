@@ -234,7 +234,8 @@ def _write_lines(path, lines):
     (["loss=dpo", "loss.beta=0.1", "loss.label_smoothing=0.5"], "loss.label_smoothing must be in [0, 0.5)"),
     (["loss=dpo", "loss.beta=0.1", "loss.label_smoothing=-0.1"], "loss.label_smoothing must be in [0, 0.5)"),
     (["loss=cdpo", "loss.beta=0.1", "loss.label_smoothing=0"], "must be above 0 for loss=cdpo"),
-    (["trainer=FSDPTrainer"], "trainer=FSDPTrainer is not available: valid trainers are BasicTrainer"),
+    (["trainer=DeepSpeedTrainer"], "trainer=DeepSpeedTrainer is not available: valid trainers are BasicTrainer, "
+                                   "FSDPTrainer, TensorParallelTrainer"),
     (["optimizer=Adamm"], "optimizer=Adamm is not a torch.optim optimizer: valid are"),
     (["batch_size=10", "gradient_accumulation_steps=4"], "batch_size=10 must be divisible by gradient_accumulation_steps=4"),
     (["max_prompt_length=64"], "max_prompt_length=64 must be below max_length=64"),
@@ -254,7 +255,7 @@ def _write_lines(path, lines):
     (["debug=abc"], "debug must be true or false, got 'abc'"),
     (["wandb.enabled=1"], "wandb.enabled must be true or false, got 1"),
     (["nan_policy=ignore"], "nan_policy=ignore is not valid: use stop or skip"),
-    (["+resume=true"], "resume is not a config key (the valid keys are in config/config.yaml); remove it"),
+    (["+resume_from=x"], "resume_from is not a config key (the valid keys are in config/config.yaml); remove it"),
     (["+model.archiv=x.pt"], "model.archiv is not a config key (the valid keys are in config/model/blank_model.yaml)"),
     (["datasets=[/nonexistent/prefs.jsonl]"], "dataset path /nonexistent/prefs.jsonl does not exist"),
     (["model.archive=/nonexistent/policy.pt"], "model.archive=/nonexistent/policy.pt does not exist"),

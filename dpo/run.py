@@ -1,0 +1,155 @@
+"""One training run, from a config to a checkpoint, in every process of the run.
+
+Reads top to bottom: processes -> config -> loss -> run directory (new, or one to resume) ->
+tokenizer -> data -> models -> trainer -> checkpoint. `train.py` calls `run_from_command_line`
+(directly, under torchrun, or in each process it starts itself); notebooks may call `run`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dpo.batching import get_batch_iterator
+from dpo.checkpoints import read_archive
+from dpo.config import get_local_dir, validate_config
+from dpo.data import dataset_source
+from dpo.distributed import (Processes, barrier, broadcast_object, check_batch_layout, init_processes,
+                             main_process_first, shutdown)
+from dpo.errors import ConfigError, RunDirError, UserError
+from dpo.losses import build_loss
+from dpo.metrics import MetricsSink, format_metrics
+from dpo.models import load_models, load_tokenizer
+from dpo.resume import repair_checkpoints, resumable_checkpoint, truncate_logs
+from dpo.rundir import check_run_dir_is_free, describe_os_error, newest_checkpoint, open_run_dir
+from dpo.trainers import TRAIN_STATE_FILE, trainer_class
+
+
+def run_from_command_line(config: DictConfig) -> None:
+    """`run`, with errors as one line on stderr and the exit codes a shell expects (1 for errors, 130 for Ctrl-C)."""
+    try:
+        run(config)
+    except KeyboardInterrupt:
+        print(f"error: {interrupted_message(config)}", file=sys.stderr)
+        sys.exit(130)
+    except UserError as error:
+        print(f"error: {_rank_prefix()}{error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(config: DictConfig) -> dict:
+    """Run the whole training described by `config` in this process; return the final eval metrics."""
+    processes = init_processes(config.trainer, config.get("tensor_parallel_size"))
+    metrics = _run(config, processes)
+    shutdown()
+    return metrics
+
+
+def _run(config: DictConfig, processes: Processes) -> dict:
+    main = processes.is_main
+    OmegaConf.resolve(config)  # once: the run directory's name holds a timestamp
+    config.local_run_dir = broadcast_object(config.local_run_dir)  # under torchrun each process made its own
+    validate_config(config)
+    check_batch_layout(config.batch_size, config.gradient_accumulation_steps, processes)
+    loss = build_loss(OmegaConf.to_container(config.loss, resolve=True))
+    run_dir = config.local_run_dir
+    checkpoint, step = None, 0
+    if config.resume:
+        checkpoint, step = broadcast_object(_checkpoint_to_resume(run_dir) if main else None)
+    else:
+        check_run_dir_is_free(run_dir, config.overwrite_run_dir)  # fail fast; checked again under lock
+
+    cache_dir = get_local_dir(config.local_dirs)
+    with main_process_first():  # the main process fills the download cache, the others read it
+        tokenizer = load_tokenizer(config.model, cache_dir=cache_dir)
+        data_options = dict(names=list(config.datasets), tokenizer=tokenizer, max_length=config.max_length,
+                            max_prompt_length=config.max_prompt_length, sft_mode=not loss.uses_pairs,
+                            seed=config.seed, cache_dir=cache_dir, silent=not main, dp_rank=processes.dp_rank,
+                            dp_size=processes.dp_size)
+        train_batches = get_batch_iterator(**data_options, split="train", batch_size=config.batch_size,
+                                           n_epochs=config.n_epochs, n_examples=config.n_examples,
+                                           start_batch=step // config.batch_size)
+        eval_batches = []
+        if config.n_eval_examples > 0:
+            eval_batches = list(get_batch_iterator(**data_options, split="test", batch_size=config.eval_batch_size,
+                                                   n_epochs=1, n_examples=config.n_eval_examples, drop_last=False))
+    if checkpoint and step >= train_batches.n_examples:
+        raise ConfigError(f"resume={run_dir}: the run already trained on all {train_batches.n_examples} examples "
+                          f"({checkpoint}); to train it longer, pass a larger n_epochs or n_examples")
+    sources = {name: dataset_source(name) for name in config.datasets}
+    judges = {name: source.judge for name, source in sources.items() if source.judge is not None}
+    archive = read_archive(config.model.archive) if config.model.archive else None
+    resume_state = None
+    if checkpoint:
+        resume_state = read_archive(os.path.join(checkpoint, "policy.pt"), label=f"{checkpoint}/policy.pt")["state"]
+
+    owner = open_run_dir(run_dir, overwrite=config.overwrite_run_dir, resume=bool(checkpoint))
+    with owner if main else nullcontext():
+        if main:
+            if checkpoint:
+                dropped = truncate_logs(run_dir, step)
+                print(f"resuming {run_dir} from {checkpoint} after {step} examples"
+                      + (f" (dropped {dropped} log lines written after it)" if dropped else ""))
+            write_run_config(config, run_dir)
+        barrier()  # the run directory exists before any process writes into it
+        policy, reference_model = load_models(config, tokenizer, loss.needs_reference, cache_dir, archive,
+                                              resume_state=resume_state, verbose=main)
+        sink = MetricsSink(run_dir, enabled=main, run_name=config.exp_name,
+                           wandb_config=None if config.debug else config.wandb,
+                           config_dict=OmegaConf.to_container(config), wandb_id=_wandb_id(checkpoint))
+        try:
+            trainer = trainer_class(config.trainer)(config, policy, tokenizer, loss, train_batches, eval_batches,
+                                                    run_dir, reference_model=reference_model, judges=judges,
+                                                    sink=sink, processes=processes)
+            if checkpoint:
+                trainer.load_checkpoint(checkpoint)
+            final_metrics = trainer.train()
+            trainer.save(metrics=final_metrics)
+        finally:
+            sink.close()
+    if main:
+        summary = {k: v for k, v in final_metrics.items()
+                   if k.startswith(("rewards_eval/accuracies", "rewards_eval/margins", "loss/eval", "judge_eval/"))}
+        print(f"final eval after {trainer.example_counter} examples: {format_metrics(summary)}")
+    return final_metrics
+
+
+def _checkpoint_to_resume(run_dir: str) -> tuple[str, int]:
+    for note in repair_checkpoints(run_dir):
+        print(f"note: {note}")
+    return resumable_checkpoint(run_dir)
+
+
+def _wandb_id(checkpoint: Optional[str]) -> Optional[str]:
+    if checkpoint is None:
+        return None
+    state = torch.load(os.path.join(checkpoint, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
+    return state["state"].get("wandb_id")
+
+
+def write_run_config(config: DictConfig, run_dir: str) -> None:
+    print(OmegaConf.to_yaml(config))
+    print(f"run directory: {run_dir}")
+    try:
+        OmegaConf.save(config, os.path.join(run_dir, "config.yaml"))
+    except OSError as error:
+        raise RunDirError(f"cannot write {run_dir}/config.yaml: {describe_os_error(error)}") from None
+
+
+def interrupted_message(config: DictConfig) -> str:
+    """What a Ctrl-C left behind: the newest complete checkpoint of the run, if any."""
+    run_dir = OmegaConf.select(config, "local_run_dir", throw_on_resolution_failure=False)
+    checkpoint = newest_checkpoint(run_dir) if isinstance(run_dir, str) else None
+    if checkpoint is None:
+        return "interrupted; no checkpoint was written"
+    return f"interrupted; the last complete checkpoint is {checkpoint}; continue with resume={run_dir}"
+
+
+def _rank_prefix() -> str:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return f"[process {os.environ.get('RANK', 0)} of {world_size}] " if world_size > 1 else ""
