@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Optional
 
 import torch
@@ -45,9 +45,10 @@ def run_from_command_line(config: DictConfig) -> None:
 def run(config: DictConfig) -> dict:
     """Run the whole training described by `config` in this process; return the final eval metrics."""
     processes = init_processes(config.trainer, config.get("tensor_parallel_size"))
-    metrics = _run(config, processes)
-    shutdown()
-    return metrics
+    try:
+        return _run(config, processes)
+    finally:
+        shutdown()
 
 
 def _run(config: DictConfig, processes: Processes) -> dict:
@@ -58,26 +59,22 @@ def _run(config: DictConfig, processes: Processes) -> dict:
     check_batch_layout(config.batch_size, config.gradient_accumulation_steps, processes)
     loss = build_loss(OmegaConf.to_container(config.loss, resolve=True))
     run_dir = config.local_run_dir
-    checkpoint, step = None, 0
-    if config.resume:
-        checkpoint, step = broadcast_object(_checkpoint_to_resume(run_dir) if main else None)
-    else:
-        check_run_dir_is_free(run_dir, config.overwrite_run_dir)  # fail fast; checked again under lock
+    with ExitStack() as run_dir_lock:
+        checkpoint, step = None, 0
+        if config.resume:  # the run directory exists: lock it before repairing what a kill left there
+            if main:
+                run_dir_lock.enter_context(open_run_dir(run_dir, resume=True))
+            checkpoint, step = broadcast_object(_checkpoint_to_resume(run_dir) if main else None)
+        else:
+            check_run_dir_is_free(run_dir, config.overwrite_run_dir)  # fail fast; checked again under lock
+        return _train(config, processes, loss, checkpoint, step, run_dir_lock)
 
+
+def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[str], step: int,
+           run_dir_lock: ExitStack) -> dict:
+    main, run_dir = processes.is_main, config.local_run_dir
     cache_dir = get_local_dir(config.local_dirs)
-    with main_process_first():  # the main process fills the download cache, the others read it
-        tokenizer = load_tokenizer(config.model, cache_dir=cache_dir)
-        data_options = dict(names=list(config.datasets), tokenizer=tokenizer, max_length=config.max_length,
-                            max_prompt_length=config.max_prompt_length, sft_mode=not loss.uses_pairs,
-                            seed=config.seed, cache_dir=cache_dir, silent=not main, dp_rank=processes.dp_rank,
-                            dp_size=processes.dp_size)
-        train_batches = get_batch_iterator(**data_options, split="train", batch_size=config.batch_size,
-                                           n_epochs=config.n_epochs, n_examples=config.n_examples,
-                                           start_batch=step // config.batch_size)
-        eval_batches = []
-        if config.n_eval_examples > 0:
-            eval_batches = list(get_batch_iterator(**data_options, split="test", batch_size=config.eval_batch_size,
-                                                   n_epochs=1, n_examples=config.n_eval_examples, drop_last=False))
+    tokenizer, train_batches, eval_batches = _load_data(config, processes, loss, cache_dir, step)
     if checkpoint and step >= train_batches.n_examples:
         raise ConfigError(f"resume={run_dir}: the run already trained on all {train_batches.n_examples} examples "
                           f"({checkpoint}); to train it longer, pass a larger n_epochs or n_examples")
@@ -88,35 +85,53 @@ def _run(config: DictConfig, processes: Processes) -> dict:
     if checkpoint:
         resume_state = read_archive(os.path.join(checkpoint, "policy.pt"), label=f"{checkpoint}/policy.pt")["state"]
 
-    owner = open_run_dir(run_dir, overwrite=config.overwrite_run_dir, resume=bool(checkpoint))
-    with owner if main else nullcontext():
-        if main:
-            if checkpoint:
-                dropped = truncate_logs(run_dir, step)
-                print(f"resuming {run_dir} from {checkpoint} after {step} examples"
-                      + (f" (dropped {dropped} log lines written after it)" if dropped else ""))
-            write_run_config(config, run_dir)
-        barrier()  # the run directory exists before any process writes into it
-        policy, reference_model = load_models(config, tokenizer, loss.needs_reference, cache_dir, archive,
-                                              resume_state=resume_state, verbose=main)
-        sink = MetricsSink(run_dir, enabled=main, run_name=config.exp_name,
-                           wandb_config=None if config.debug else config.wandb,
-                           config_dict=OmegaConf.to_container(config), wandb_id=_wandb_id(checkpoint))
-        try:
-            trainer = trainer_class(config.trainer)(config, policy, tokenizer, loss, train_batches, eval_batches,
-                                                    run_dir, reference_model=reference_model, judges=judges,
-                                                    sink=sink, processes=processes)
-            if checkpoint:
-                trainer.load_checkpoint(checkpoint)
-            final_metrics = trainer.train()
-            trainer.save(metrics=final_metrics)
-        finally:
-            sink.close()
+    if main:
+        if checkpoint:
+            dropped = truncate_logs(run_dir, step)
+            print(f"resuming {run_dir} from {checkpoint} after {step} examples"
+                  + (f" (dropped {dropped} log lines written after it)" if dropped else ""))
+        else:  # created only now that config and data are known to be good
+            run_dir_lock.enter_context(open_run_dir(run_dir, overwrite=config.overwrite_run_dir))
+        write_run_config(config, run_dir)
+    barrier()  # the run directory exists before any process writes into it
+    policy, reference_model = load_models(config, tokenizer, loss.needs_reference, cache_dir, archive,
+                                          resume_state=resume_state, verbose=main)
+    sink = MetricsSink(run_dir, enabled=main, run_name=config.exp_name,
+                       wandb_config=None if config.debug else config.wandb,
+                       config_dict=OmegaConf.to_container(config), wandb_id=_wandb_id(checkpoint))
+    try:
+        trainer = trainer_class(config.trainer)(config, policy, tokenizer, loss, train_batches, eval_batches,
+                                                run_dir, reference_model=reference_model, judges=judges,
+                                                sink=sink, processes=processes)
+        if checkpoint:
+            trainer.load_checkpoint(checkpoint)
+        final_metrics = trainer.train()
+        trainer.save(metrics=final_metrics)
+    finally:
+        sink.close()
     if main:
         summary = {k: v for k, v in final_metrics.items()
                    if k.startswith(("rewards_eval/accuracies", "rewards_eval/margins", "loss/eval", "judge_eval/"))}
         print(f"final eval after {trainer.example_counter} examples: {format_metrics(summary)}")
     return final_metrics
+
+
+def _load_data(config: DictConfig, processes: Processes, loss, cache_dir: str, step: int):
+    """(tokenizer, this process's train batches from example `step` on, its eval batches)."""
+    with main_process_first():  # the main process fills the download cache, the others read it
+        tokenizer = load_tokenizer(config.model, cache_dir=cache_dir)
+        options = dict(names=list(config.datasets), tokenizer=tokenizer, max_length=config.max_length,
+                       max_prompt_length=config.max_prompt_length, sft_mode=not loss.uses_pairs, seed=config.seed,
+                       cache_dir=cache_dir, silent=not processes.is_main, dp_rank=processes.dp_rank,
+                       dp_size=processes.dp_size)
+        train_batches = get_batch_iterator(**options, split="train", batch_size=config.batch_size,
+                                           n_epochs=config.n_epochs, n_examples=config.n_examples,
+                                           start_batch=step // config.batch_size)
+        eval_batches = []
+        if config.n_eval_examples > 0:
+            eval_batches = list(get_batch_iterator(**options, split="test", batch_size=config.eval_batch_size,
+                                                   n_epochs=1, n_examples=config.n_eval_examples, drop_last=False))
+    return tokenizer, train_batches, eval_batches
 
 
 def _checkpoint_to_resume(run_dir: str) -> tuple[str, int]:

@@ -129,13 +129,27 @@ def _process_alive(pid: int) -> bool:
 
 
 def newest_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest complete checkpoint directory of a run (`LATEST/`, else the highest `step-N/`), or None."""
+    """The newest complete checkpoint directory of a run (the most examples seen), or None.
+
+    `step-N/` has seen N examples; `LATEST/` says how many in its train state (an old one without
+    it was written last, at the end of its run).
+    """
     candidates = []
     for name in run_artifacts(run_dir):
         match = re.match(r"^(LATEST|step-(\d+))$", name)
         if match and os.path.isfile(os.path.join(run_dir, name, "policy.pt")):
-            candidates.append((float("inf") if name == "LATEST" else int(match.group(2)), name))
-    return os.path.join(run_dir, max(candidates)[1]) if candidates else None
+            step = int(match.group(2)) if match.group(2) else _latest_step(os.path.join(run_dir, name))
+            candidates.append((step, name == "LATEST", name))
+    return os.path.join(run_dir, max(candidates)[2]) if candidates else None
+
+
+def _latest_step(directory: str) -> float:
+    try:
+        import torch
+
+        return torch.load(os.path.join(directory, "train_state.pt"), map_location="cpu", weights_only=True)["step_idx"]
+    except Exception:  # missing or unreadable: an old LATEST, written at the end of its run
+        return float("inf")
 
 
 def describe_os_error(error: OSError) -> str:

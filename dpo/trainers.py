@@ -438,22 +438,23 @@ def seed_everything(seed: int) -> None:
 
 
 def random_states() -> dict:
-    """This process's random generators (python, numpy, torch CPU and CUDA), as plain savable values."""
+    """This process's random generators (python, numpy, torch CPU and CUDA) as plain lists and numbers,
+    which every collective and `torch.load(weights_only=True)` carry unchanged."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss,
-                                                     cached), "torch": torch.get_rng_state()}
+    states = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+              "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
+        states["cuda"] = torch.cuda.get_rng_state().tolist()
     return states
 
 
 def set_random_states(states: dict) -> None:
     random.setstate(_as_tuples(states["python"]))
     kind, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(states["cuda"], dtype=torch.uint8))
 
 
 def _as_tuples(value: Any) -> Any:
