@@ -354,3 +354,32 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused():
                                           r"gradient_accumulation_steps \(2\) x data-parallel processes \(4\) = 8"):
         check_batch_layout(12, 2, Processes(world_size=4, dp_size=4))
     check_batch_layout(16, 2, Processes(world_size=4, dp_size=4))
+
+
+# ---- mixed precision, activation checkpointing and sampling in the parallel trainers -----------------
+
+
+SAMPLING = ["n_examples=32", "eval_every=16", "n_eval_examples=12", "eval_batch_size=8", "n_eval_model_samples=6",
+            "sample_during_eval=true"]
+
+
+def samples(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("trainer, options", [
+    ("FSDPTrainer", ["model.fsdp_policy_mp=bfloat16", "activation_checkpointing=true"]),
+    ("TensorParallelTrainer", []),
+])
+def test_parallel_trainers_sample_the_same_prompts_and_honour_mixed_precision(tmp_path, trainer, options):
+    run(command(tmp_path / "basic", *SAMPLING))
+    run(command(tmp_path / "parallel", *SAMPLING, *options, trainer=trainer))
+    expected, got = samples(tmp_path / "basic"), samples(tmp_path / "parallel")
+    assert [(row["step"], row["prompt"]) for row in got] == [(row["step"], row["prompt"]) for row in expected]
+    assert [row["step"] for row in got] == [16] * 6 + [32] * 6
+    assert all(row["policy"] and row["reference"] and "judge_policy" in row for row in got)
+    basic, parallel = train_lines(tmp_path / "basic"), train_lines(tmp_path / "parallel")
+    tolerance = 2e-2 if options else 1e-4  # bfloat16 compute rounds to ~3 significant digits
+    assert max(relative(a["loss/train"], b["loss/train"]) for a, b in zip(basic, parallel)) < tolerance
+    if options:  # and it really computed in bfloat16
+        assert max(relative(a["loss/train"], b["loss/train"]) for a, b in zip(basic, parallel)) > 1e-6
