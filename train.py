@@ -23,7 +23,7 @@ from dpo.config import register_resolvers
 from dpo.distributed import LaunchError, launch, launched_by_torchrun, visible_devices
 from dpo.errors import RunDirError, UserError
 from dpo.resume import resumed_config
-from dpo.run import run as train
+from dpo.run import run as train  # noqa: F401 (train.train(config), as tests and notebooks call it)
 from dpo.run import run_from_command_line
 
 register_resolvers()

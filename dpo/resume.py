@@ -18,13 +18,11 @@ import re
 import shutil
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dpo.errors import CheckpointError, ConfigError, RunDirError
-from dpo.rundir import describe_os_error, run_artifacts
+from dpo.errors import ConfigError, RunDirError
+from dpo.rundir import CHECKPOINT_NAME, RESUME_STATE_FILE, checkpoint_step, describe_os_error, run_artifacts
 
-RESUME_STATE_FILE = "train_state.pt"  # a checkpoint directory holding this file can be resumed from
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 
 # What changes how the run is logged, evaluated or how long it lasts, but not the weights it reaches
@@ -37,7 +35,6 @@ ALLOWED_CHANGES = frozenset({
 # Keys that configs saved by earlier versions lack; they meant null then.
 _ADDED_LATER = ("resume", "save_every")
 
-_CHECKPOINT = re.compile(r"^(?:LATEST|step-(\d+))$")
 _WRITE_DEBRIS = re.compile(r"^(LATEST|step-\d+)\.(partial|previous)$")
 _UNSET = object()  # a key the config does not hold (as opposed to one holding null)
 
@@ -87,7 +84,7 @@ def resumable_checkpoint(run_dir: str) -> tuple[str, int]:
     """
     _check_is_run_dir(run_dir)
     names = _checkpoint_names(run_dir)
-    found = [(_checkpoint_step(run_dir, name), name == "LATEST", name) for name in names
+    found = [(checkpoint_step(run_dir, name), name == "LATEST", name) for name in names
              if os.path.isfile(os.path.join(run_dir, name, RESUME_STATE_FILE))]
     if not found:
         raise RunDirError(_nothing_to_resume(run_dir, names))
@@ -108,25 +105,7 @@ def _check_is_run_dir(run_dir: str) -> None:
 def _checkpoint_names(run_dir: str) -> list[str]:
     """The `step-N` and `LATEST` directories of the run, resumable or not."""
     return [name for name in run_artifacts(run_dir)
-            if _CHECKPOINT.match(name) and os.path.isdir(os.path.join(run_dir, name))]
-
-
-def _checkpoint_step(run_dir: str, name: str) -> int:
-    """The step of a checkpoint: from a `step-N` name, else (LATEST has none) from its train state file."""
-    match = _CHECKPOINT.match(name)
-    if match.group(1) is not None:
-        return int(match.group(1))
-    path = os.path.join(run_dir, name, RESUME_STATE_FILE)
-    fix = f"delete {os.path.join(run_dir, name)} to resume from the run's previous checkpoint"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is not readable ({first_line}); {fix}") from None
-    step = state.get("step_idx") if isinstance(state, dict) else None
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise CheckpointError(f"{path} holds no integer step_idx (found {step!r}); {fix}")
-    return step
+            if CHECKPOINT_NAME.match(name) and os.path.isdir(os.path.join(run_dir, name))]
 
 
 def _nothing_to_resume(run_dir: str, names: list[str]) -> str:

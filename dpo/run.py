@@ -21,13 +21,14 @@ from dpo.config import get_local_dir, validate_config
 from dpo.data import dataset_source
 from dpo.distributed import (Processes, barrier, broadcast_object, check_batch_layout, init_processes,
                              main_process_first, shutdown)
-from dpo.errors import ConfigError, RunDirError, UserError
+from dpo.errors import CheckpointError, ConfigError, RunDirError, UserError
 from dpo.losses import build_loss
 from dpo.metrics import MetricsSink, format_metrics
 from dpo.models import load_models, load_tokenizer
 from dpo.resume import repair_checkpoints, resumable_checkpoint, truncate_logs
-from dpo.rundir import check_run_dir_is_free, describe_os_error, newest_checkpoint, open_run_dir
-from dpo.trainers import TRAIN_STATE_FILE, trainer_class
+from dpo.rundir import (RESUME_STATE_FILE, check_run_dir_is_free, describe_os_error, newest_checkpoint,
+                        open_run_dir)
+from dpo.trainers import trainer_class
 
 
 def run_from_command_line(config: DictConfig) -> None:
@@ -65,6 +66,7 @@ def _run(config: DictConfig, processes: Processes) -> dict:
             if main:
                 run_dir_lock.enter_context(open_run_dir(run_dir, resume=True))
             checkpoint, step = broadcast_object(_checkpoint_to_resume(run_dir) if main else None)
+            _check_same_processes(checkpoint, config.trainer, processes.world_size)
         else:
             check_run_dir_is_free(run_dir, config.overwrite_run_dir)  # fail fast; checked again under lock
         return _train(config, processes, loss, checkpoint, step, run_dir_lock)
@@ -140,11 +142,21 @@ def _checkpoint_to_resume(run_dir: str) -> tuple[str, int]:
     return resumable_checkpoint(run_dir)
 
 
+def _train_state(checkpoint: str) -> dict:
+    return torch.load(os.path.join(checkpoint, RESUME_STATE_FILE), map_location="cpu", weights_only=True)["state"]
+
+
+def _check_same_processes(checkpoint: str, trainer: str, world_size: int) -> None:
+    """Sharded optimizer state and per-process random states fit only the layout that wrote them."""
+    state = _train_state(checkpoint)
+    if state["trainer"] != trainer or state["world_size"] != world_size:
+        raise CheckpointError(f"{checkpoint} was written by trainer={state['trainer']} with {state['world_size']} "
+                              f"processes; resume it with the same trainer and number of processes (now "
+                              f"trainer={trainer} with {world_size})")
+
+
 def _wandb_id(checkpoint: Optional[str]) -> Optional[str]:
-    if checkpoint is None:
-        return None
-    state = torch.load(os.path.join(checkpoint, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
-    return state["state"].get("wandb_id")
+    return _train_state(checkpoint).get("wandb_id") if checkpoint else None
 
 
 def write_run_config(config: DictConfig, run_dir: str) -> None:

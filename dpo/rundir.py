@@ -19,10 +19,15 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from dpo.errors import RunDirError
+import torch
+
+from dpo.errors import CheckpointError, RunDirError
 
 LOCK_FILE = ".lock"
 _RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "LATEST", "wandb")
+# A checkpoint directory holding this file (counters, random states) can be resumed from.
+RESUME_STATE_FILE = "train_state.pt"
+CHECKPOINT_NAME = re.compile(r"^(?:LATEST|step-(\d+))$")
 _CHECKPOINT_DIR = re.compile(r"^(LATEST|step-\d+)(\.partial|\.previous)?$")
 
 
@@ -131,25 +136,35 @@ def _process_alive(pid: int) -> bool:
 def newest_checkpoint(run_dir: str) -> Optional[str]:
     """The newest complete checkpoint directory of a run (the most examples seen), or None.
 
-    `step-N/` has seen N examples; `LATEST/` says how many in its train state (an old one without
-    it was written last, at the end of its run).
+    An old `LATEST/` without a train state was written last, at the end of its run.
     """
     candidates = []
     for name in run_artifacts(run_dir):
-        match = re.match(r"^(LATEST|step-(\d+))$", name)
-        if match and os.path.isfile(os.path.join(run_dir, name, "policy.pt")):
-            step = int(match.group(2)) if match.group(2) else _latest_step(os.path.join(run_dir, name))
+        if CHECKPOINT_NAME.match(name) and os.path.isfile(os.path.join(run_dir, name, "policy.pt")):
+            try:
+                step = checkpoint_step(run_dir, name)
+            except CheckpointError:
+                step = float("inf")
             candidates.append((step, name == "LATEST", name))
     return os.path.join(run_dir, max(candidates)[2]) if candidates else None
 
 
-def _latest_step(directory: str) -> float:
+def checkpoint_step(run_dir: str, name: str) -> int:
+    """The examples seen at checkpoint `name`: N of `step-N`, else (LATEST has none) from its train state file."""
+    match = CHECKPOINT_NAME.match(name)
+    if match.group(1) is not None:
+        return int(match.group(1))
+    path = os.path.join(run_dir, name, RESUME_STATE_FILE)
+    fix = f"delete {os.path.join(run_dir, name)} to resume from the run's previous checkpoint"
     try:
-        import torch
-
-        return torch.load(os.path.join(directory, "train_state.pt"), map_location="cpu", weights_only=True)["step_idx"]
-    except Exception:  # missing or unreadable: an old LATEST, written at the end of its run
-        return float("inf")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is not readable ({first_line}); {fix}") from None
+    step = state.get("step_idx") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise CheckpointError(f"{path} holds no integer step_idx (found {step!r}); {fix}")
+    return step
 
 
 def describe_os_error(error: OSError) -> str:

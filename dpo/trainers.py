@@ -26,19 +26,17 @@ import tqdm
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dpo.checkpoints import (finish_checkpoint, partial_directory, save_synced, start_checkpoint, to_reference_names,
-                             write_checkpoint_files)
+from dpo.checkpoints import (finish_checkpoint, partial_directory, save_synced, start_checkpoint,
+                             to_reference_names, write_checkpoint_files)
 from dpo.distributed import Processes, all_ranks_agree, barrier, gather_objects, gather_values, single_process
 from dpo.errors import CheckpointError, RunDirError, TrainingError
 from dpo.logps import SequenceLogps, forward_logps
 from dpo.losses import PreferenceLoss
 from dpo.metrics import MetricsSink, mean_metrics
-from dpo.rundir import describe_os_error, newest_checkpoint
+from dpo.rundir import RESUME_STATE_FILE, describe_os_error, newest_checkpoint
 
 # With nan_policy=skip, this many non-finite steps in a row mean the model will not recover: stop.
 MAX_CONSECUTIVE_SKIPS = 10
-# The file of a checkpoint that makes it resumable: counters and random states (dpo.resume reads it).
-TRAIN_STATE_FILE = "train_state.pt"
 
 Judge = Callable[[str, str], float]
 
@@ -344,7 +342,7 @@ class BasicTrainer:
             if self.is_main_process:
                 self.sink.print(f"writing checkpoint to {directory}")
                 states = {"policy.pt": to_reference_names(policy_state, self.policy),
-                          "scheduler.pt": self.scheduler.state_dict(), TRAIN_STATE_FILE: train_state}
+                          "scheduler.pt": self.scheduler.state_dict(), RESUME_STATE_FILE: train_state}
                 problems = write_checkpoint_files(partial, self.example_counter, metrics or {}, states,
                                                   tokenizer=self.tokenizer, hf_state=policy_state,
                                                   hf_model=self.policy if output_dir is None else None)
@@ -366,13 +364,10 @@ class BasicTrainer:
     def load_checkpoint(self, directory: str) -> None:
         """Continue from the checkpoint in `directory` (its policy weights are already loaded).
 
-        Restores the optimizer, scheduler, counters and this process's random states.
+        Restores the optimizer, scheduler, counters and this process's random states. The caller has
+        checked that the same trainer and number of processes wrote it (`dpo.run`).
         """
-        state = _read_state(os.path.join(directory, TRAIN_STATE_FILE))
-        if state["trainer"] != type(self).__name__ or state["world_size"] != self.processes.world_size:
-            raise CheckpointError(f"{directory} was written by trainer={state['trainer']} with "
-                                  f"{state['world_size']} processes; resume it with the same trainer and number of "
-                                  f"processes (now trainer={type(self).__name__} with {self.processes.world_size})")
+        state = _read_state(os.path.join(directory, RESUME_STATE_FILE))
         self.read_optimizer_state(directory)
         self.scheduler.load_state_dict(_read_state(os.path.join(directory, "scheduler.pt")))
         for key in ("example_counter", "batch_counter", "skipped_steps", "consecutive_skips"):

@@ -272,6 +272,7 @@ def test_resume_with_another_number_of_processes_is_refused(uninterrupted, tmp_p
     assert ("was written by trainer=FSDPTrainer with 2 processes; resume it with the same trainer and number of "
             "processes (now trainer=FSDPTrainer with 1)") in output
     assert "Traceback" not in output
+    assert (run_dir / "metrics.jsonl").read_text() == before  # refused before anything was changed
     assert sorted(os.listdir(run_dir / "step-64")) == ["optimizer", "policy.pt", "scheduler.pt", "train_state.pt"]
 
 
