@@ -24,7 +24,7 @@ _POSITIVE_INTEGERS = ("batch_size", "eval_batch_size", "gradient_accumulation_st
                       "max_prompt_length", "eval_every")
 _NON_NEGATIVE_INTEGERS = ("n_eval_examples", "n_eval_model_samples", "warmup_steps")
 _FLAGS = ("debug", "do_first_eval", "sample_during_eval", "activation_checkpointing", "overwrite_run_dir",
-          "wandb.enabled")
+          "wandb.enabled", "packing", "prefix_sharing", "cache_reference_logps", "compile")
 NAN_POLICIES = ("stop", "skip")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
@@ -74,7 +74,8 @@ def validate_config(config: DictConfig) -> None:
                           "or responses would get no tokens")
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError("set n_epochs or n_examples: both are null, so training would never end")
-    for key in ("n_epochs", "n_examples", "save_every", "nproc_per_node", "tensor_parallel_size", "fsdp_port"):
+    for key in ("n_epochs", "n_examples", "save_every", "nproc_per_node", "tensor_parallel_size", "fsdp_port",
+                "lm_head_chunk_size"):
         if config.get(key) is not None:
             _check_integer(config, key, minimum=1)
     _check_number(config, "lr", "a positive number (e.g. lr=5e-7)", lambda value: value > 0)

@@ -1,19 +1,23 @@
 """Per-sequence log-probabilities of response tokens: the one place a model is run on a batch.
 
-`forward_logps(model, batch)` is the seam every trainer and loss goes through: today it runs the
-chosen and rejected sequences as one concatenated batch; packing, prefix sharing, a chunked LM
-head or cached reference log-probs can replace its inside without touching losses or trainers.
+`forward_logps(model, batch, options)` is the seam every trainer and loss goes through. It lays the
+chosen and rejected sequences out for one model call (padded, packed, or with each prompt shared:
+`dpo.layout`), runs the LM head only where a response token is predicted, and sums each sequence's
+token log-probs. `get_batch_logps` and `concatenated_inputs` keep the reference implementation's
+functional API.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from dpo.layout import IGNORE_INDEX, ModelInputs, packed_inputs, padded_inputs
 
 
 @dataclass
@@ -81,30 +85,99 @@ def concatenated_inputs(batch: dict) -> dict[str, Tensor]:
     return concatenated
 
 
-def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                   labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(summed response log-probs, response token counts) of each sequence under `model`."""
-    logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-    token_logps, mask = per_token_logps(logits, labels)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+@dataclass(frozen=True)
+class LogpsOptions:
+    """How `forward_logps` runs a model: every choice gives the same log-probs and gradients.
+
+    `lm_head_chunk_size`: the LM head runs only where a response token is predicted, this many
+    positions at a time, recomputed in the backward pass, so full-vocabulary float32 logits never
+    exist; None runs the model's own head everywhere (the reference implementation's way).
+    `packing` and `prefix_sharing` choose the layout (`dpo.layout`).
+    """
+
+    lm_head_chunk_size: Optional[int] = 1024
+    packing: bool = False
+    prefix_sharing: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "LogpsOptions":
+        return cls(lm_head_chunk_size=config.get("lm_head_chunk_size", 1024), packing=bool(config.get("packing")),
+                   prefix_sharing=bool(config.get("prefix_sharing")))
+
+    def layout(self, batch: Mapping[str, Any]) -> ModelInputs:
+        if self.packing or self.prefix_sharing:
+            return packed_inputs(batch, share_prompts=self.prefix_sharing)
+        return padded_inputs(batch)
 
 
-def forward_logps(model: nn.Module, batch: dict) -> SequenceLogps:
-    """Log-probs of the batch's chosen (and, if present, rejected) responses under `model`.
+# Architectures whose logits are exactly `lm_head(final hidden states)`: no scaling or soft-capping
+# after the head, which the response-only head would skip. Others run their own head everywhere.
+PLAIN_HEAD_ARCHITECTURES = frozenset({
+    "gpt_neox", "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gptj",
+    "gpt_bigcode", "phi3", "olmo", "olmo2", "opt", "falcon", "stablelm", "starcoder2"})
 
-    Chosen and rejected run as one concatenated batch: one model call, better device use.
+
+def forward_logps(model: nn.Module, batch: Mapping[str, Any], options: LogpsOptions = LogpsOptions()) -> SequenceLogps:
+    """Log-probs of the batch's chosen (and, if present, rejected) responses under `model`, in one model call.
+
     Gradients flow unless the caller disables them (the reference model runs under no_grad).
     """
     device = next(model.parameters()).device
+    inputs = options.layout(batch).to(device)
+    token_logps = response_token_logps(model, inputs, options.lm_head_chunk_size)
+    n_sequences, width = inputs.n_sequences, int(inputs.token_index.max()) + 1 if len(inputs.token_index) else 1
+    # Summing a (sequence, position) grid adds each sequence's tokens in the same order in every layout.
+    grid = token_logps.new_zeros(n_sequences, width).index_put((inputs.sequence_index, inputs.token_index),
+                                                                token_logps)
+    logps = grid.sum(-1)
+    tokens = torch.bincount(inputs.sequence_index, minlength=n_sequences).to(logps.dtype)
     if "rejected_input_ids" not in batch:
-        logps, tokens = sequence_logps(model, batch["chosen_input_ids"].to(device),
-                                       batch["chosen_attention_mask"].to(device),
-                                       batch["chosen_labels"].to(device))
         return SequenceLogps(chosen=logps, chosen_tokens=tokens)
-    concatenated = concatenated_inputs(batch)
-    logps, tokens = sequence_logps(model, concatenated["concatenated_input_ids"].to(device),
-                                   concatenated["concatenated_attention_mask"].to(device),
-                                   concatenated["concatenated_labels"].to(device))
-    n_chosen = batch["chosen_input_ids"].shape[0]
+    n_chosen = n_sequences // 2
     return SequenceLogps(chosen=logps[:n_chosen], rejected=logps[n_chosen:],
                          chosen_tokens=tokens[:n_chosen], rejected_tokens=tokens[n_chosen:])
+
+
+def response_token_logps(model: nn.Module, inputs: ModelInputs, chunk_size: Optional[int]) -> Tensor:
+    """Float32 log-prob of each of `inputs.targets`, predicted at `inputs.predict_at`."""
+    kwargs = inputs.model_kwargs(model.config._attn_implementation, model.dtype)
+    head = model.get_output_embeddings()
+    if chunk_size is None or not _plain_head(model, head):
+        logits = model(**kwargs, use_cache=False).logits
+        return _chunk_logps(logits.flatten(0, 1)[inputs.predict_at], inputs.targets)
+    # The head runs inside the model's own forward, so FSDP2 and tensor-parallel hooks see a normal call.
+    head.forward = lambda hidden: _head_logps(head, hidden, inputs, chunk_size)
+    try:
+        return model(**kwargs, use_cache=False).logits
+    finally:
+        del head.forward
+
+
+def _plain_head(model: nn.Module, head: Optional[nn.Module]) -> bool:
+    return isinstance(head, nn.Linear) and getattr(model.config, "model_type", None) in PLAIN_HEAD_ARCHITECTURES
+
+
+def _head_logps(head: nn.Linear, hidden: Tensor, inputs: ModelInputs, chunk_size: int) -> Tensor:
+    weight, bias = head.weight, head.bias
+    if isinstance(hidden, DTensor):  # tensor parallel: the head is replicated, so every rank computes it whole
+        hidden, weight = hidden.to_local(), weight.to_local()
+        bias = bias.to_local() if bias is not None else None
+    hidden = hidden.flatten(0, 1)[inputs.predict_at]
+    chunks = []
+    for start in range(0, len(hidden), chunk_size):
+        piece = (hidden[start:start + chunk_size], inputs.targets[start:start + chunk_size], weight, bias)
+        if torch.is_grad_enabled():  # keep no logits for backward: recompute each chunk's there
+            chunks.append(checkpoint(_linear_logps, *piece, use_reentrant=False))
+        else:
+            chunks.append(_linear_logps(*piece))
+    return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _linear_logps(hidden: Tensor, targets: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _chunk_logps(nn.functional.linear(hidden, weight, bias), targets)
+
+
+def _chunk_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(logits)[target] per row, in float32, without a full-vocabulary log-softmax tensor."""
+    logits = logits.float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)

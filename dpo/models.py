@@ -153,3 +153,27 @@ def load_models(config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, n
     if resume_state is not None:
         load_policy_state(policy, resume_state, "the checkpoint to resume from", label="the resumed policy.pt")
     return policy, reference_model
+
+
+def transformer_blocks(model: nn.Module, block_name: Optional[str]) -> list[nn.Module]:
+    """The modules of class `model.block_name`, or of the model's own `_no_split_modules` when not given."""
+    names = [block_name] if block_name else list(getattr(model, "_no_split_modules", None) or [])
+    blocks = [module for module in model.modules() if type(module).__name__ in names]
+    if blocks:
+        return blocks
+    repeated = sorted({type(child).__name__ for module in model.modules() if isinstance(module, nn.ModuleList)
+                       for child in module})
+    found = f"its repeated blocks are {', '.join(repeated)}" if repeated else "it has no repeated blocks"
+    if block_name:
+        raise ConfigError(f"model.block_name={block_name} names no module of this model ({found}); set "
+                          "model.block_name to the transformer block's class name")
+    raise ConfigError(f"cannot tell this model's transformer block ({found}); set model.block_name to its class name")
+
+
+def compile_blocks(models: list[Optional[nn.Module]], block_name: Optional[str]) -> None:
+    """torch.compile each transformer block (`compile=true`): the blocks are where the time goes, and compiling
+    them one by one leaves the log-prob code around them, whose shapes change every batch, in eager mode."""
+    for model in models:
+        if model is not None:
+            for block in transformer_blocks(model, block_name):
+                block.compile()

@@ -21,6 +21,7 @@ from torch import nn
 
 from dpo.distributed import clip_grad_norm
 from dpo.errors import ConfigError
+from dpo.models import compile_blocks, transformer_blocks
 from dpo.trainers import BasicTrainer, enable_activation_checkpointing
 
 OPTIMIZER_DIR = "optimizer"  # sharded optimizer state, as written by torch.distributed.checkpoint
@@ -37,6 +38,8 @@ class FSDPTrainer(BasicTrainer):
     def place_models(self) -> None:
         if self.config.activation_checkpointing:
             enable_activation_checkpointing(self.policy)
+        if self.config.get("compile"):
+            compile_blocks([self.policy, self.reference_model], self.config.model.block_name)
         mesh = self.processes.mesh["dp"]
         shard_model(self.policy, mesh, self.config.model.block_name, mixed_precision(self.config.model.fsdp_policy_mp))
         if self.reference_model is not None:
@@ -89,6 +92,8 @@ class TensorParallelTrainer(FSDPTrainer):
                 apply_tensor_parallel(model, tp_mesh)
         if self.config.activation_checkpointing:
             enable_activation_checkpointing(self.policy)
+        if self.config.get("compile"):
+            compile_blocks([self.policy, self.reference_model], block_name)
         # FSDP over the data-parallel dimension, even of size 1: every parameter becomes a DTensor
         # and model.fsdp_policy_mp applies.
         shard_model(self.policy, dp_mesh, block_name, mixed_precision(self.config.model.fsdp_policy_mp))
@@ -125,18 +130,3 @@ def shard_model(model: nn.Module, mesh, block_name: Optional[str], policy) -> No
     for block in transformer_blocks(model, block_name):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def transformer_blocks(model: nn.Module, block_name: Optional[str]) -> list[nn.Module]:
-    """The modules of class `model.block_name`, or of the model's own `_no_split_modules` when not given."""
-    names = [block_name] if block_name else list(getattr(model, "_no_split_modules", None) or [])
-    blocks = [module for module in model.modules() if type(module).__name__ in names]
-    if blocks:
-        return blocks
-    repeated = sorted({type(child).__name__ for module in model.modules() if isinstance(module, nn.ModuleList)
-                       for child in module})
-    found = f"its repeated blocks are {', '.join(repeated)}" if repeated else "it has no repeated blocks"
-    if block_name:
-        raise ConfigError(f"model.block_name={block_name} names no module of this model ({found}); set "
-                          "model.block_name to the transformer block's class name")
-    raise ConfigError(f"cannot tell this model's transformer block ({found}); set model.block_name to its class name")

@@ -1,7 +1,7 @@
 """One training run, from a config to a checkpoint, in every process of the run.
 
 Reads top to bottom: processes -> config -> loss -> run directory (new, or one to resume) ->
-tokenizer -> data -> models -> trainer -> checkpoint. `train.py` calls `run_from_command_line`
+tokenizer -> data -> models -> trainer (-> cached reference log-probs) -> checkpoint. `train.py` calls `run_from_command_line`
 (directly, under torchrun, or in each process it starts itself); notebooks may call `run`.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import ExitStack
+from itertools import chain
 from typing import Optional
 
 import torch
@@ -25,6 +27,7 @@ from dpo.errors import CheckpointError, ConfigError, RunDirError, UserError
 from dpo.losses import build_loss
 from dpo.metrics import MetricsSink, format_metrics
 from dpo.models import load_models, load_tokenizer
+from dpo.reference_cache import CACHE_FOLDER, reference_fingerprint
 from dpo.resume import repair_checkpoints, resumable_checkpoint, truncate_logs
 from dpo.rundir import (RESUME_STATE_FILE, check_run_dir_is_free, describe_os_error, newest_checkpoint,
                         open_run_dir)
@@ -107,6 +110,8 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
                                                 sink=sink, processes=processes)
         if checkpoint:
             trainer.load_checkpoint(checkpoint)
+        if config.cache_reference_logps and reference_model is not None:
+            _precompute_reference_logps(config, processes, trainer, loss, cache_dir, step, eval_batches)
         final_metrics = trainer.train()
         trainer.save(metrics=final_metrics)
     finally:
@@ -118,7 +123,7 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
     return final_metrics
 
 
-def _load_data(config: DictConfig, processes: Processes, loss, cache_dir: str, step: int):
+def _load_data(config: DictConfig, processes: Processes, loss, cache_dir: str, step: int, with_eval: bool = True):
     """(tokenizer, this process's train batches from example `step` on, its eval batches)."""
     with main_process_first():  # the main process fills the download cache, the others read it
         tokenizer = load_tokenizer(config.model, cache_dir=cache_dir)
@@ -130,10 +135,22 @@ def _load_data(config: DictConfig, processes: Processes, loss, cache_dir: str, s
                                            n_epochs=config.n_epochs, n_examples=config.n_examples,
                                            start_batch=step // config.batch_size)
         eval_batches = []
-        if config.n_eval_examples > 0:
+        if config.n_eval_examples > 0 and with_eval:
             eval_batches = list(get_batch_iterator(**options, split="test", batch_size=config.eval_batch_size,
                                                    n_epochs=1, n_examples=config.n_eval_examples, drop_last=False))
     return tokenizer, train_batches, eval_batches
+
+
+def _precompute_reference_logps(config: DictConfig, processes: Processes, trainer, loss, cache_dir: str, step: int,
+                                eval_batches: list[dict]) -> None:
+    """One pass over the batches the run will see (each pair computed once), cached under `cache_dir`."""
+    path = os.path.join(cache_dir, CACHE_FOLDER, f"{reference_fingerprint(config)}.pt")
+    _, train_batches, _ = _load_data(config, processes, loss, cache_dir, step, with_eval=False)
+    start = time.time()
+    computed = trainer.precompute_reference_logps(chain(train_batches, eval_batches), path)
+    if processes.is_main:
+        print(f"reference log-probs: computed {computed} pairs in {time.time() - start:.1f}s, "
+              f"{len(trainer.reference_cache) - computed} from {path}")
 
 
 def _checkpoint_to_resume(run_dir: str) -> tuple[str, int]:

@@ -28,11 +28,14 @@ from torch import Tensor, nn
 
 from dpo.checkpoints import (finish_checkpoint, partial_directory, save_synced, start_checkpoint,
                              to_reference_names, write_checkpoint_files)
-from dpo.distributed import Processes, all_ranks_agree, barrier, gather_objects, gather_values, single_process
+from dpo.distributed import (Processes, all_ranks_agree, barrier, broadcast_object, gather_objects, gather_values,
+                             single_process)
 from dpo.errors import CheckpointError, RunDirError, TrainingError
-from dpo.logps import SequenceLogps, forward_logps
+from dpo.logps import LogpsOptions, SequenceLogps, forward_logps
 from dpo.losses import PreferenceLoss
 from dpo.metrics import MetricsSink, mean_metrics
+from dpo.models import compile_blocks
+from dpo.reference_cache import ReferenceLogpsCache
 from dpo.rundir import RESUME_STATE_FILE, describe_os_error, newest_checkpoint
 
 # With nan_policy=skip, this many non-finite steps in a row mean the model will not recover: stop.
@@ -85,6 +88,9 @@ class BasicTrainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.resumed_at: Optional[int] = None  # the example count a resumed run continues from
+        self.logps_options = LogpsOptions.from_config(config)
+        self.reference_cache: Optional[ReferenceLogpsCache] = None  # see precompute_reference_logps
+        self.reference_samples: dict[int, list[str]] = {}  # by eval batch: the frozen reference samples alike every time
         self.place_models()
         self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(config.warmup_steps))
@@ -214,12 +220,50 @@ class BasicTrainer:
 
     def policy_logps(self, batch: dict) -> SequenceLogps:
         """Log-probs of the batch's responses under the policy, with gradients when training."""
-        return forward_logps(self.policy, batch)
+        return forward_logps(self.policy, batch, self.logps_options)
 
     def reference_logps(self, batch: dict) -> SequenceLogps:
-        """Log-probs of the batch's responses under the frozen reference model."""
+        """Log-probs of the batch's responses under the frozen reference model, from the cache where it has them."""
+        if self.reference_cache is not None:
+            cached = self.reference_cache.lookup(batch, self.device)
+            if cached is not None:
+                return cached
+            if self.reference_model is None:
+                raise TrainingError("a batch's reference log-probs are not in the cache and the reference model was "
+                                    "released after precompute_reference_logps; pass every batch the run will see "
+                                    "to it, or set cache_reference_logps=false")
         with torch.no_grad():
-            return forward_logps(self.reference_model, batch)
+            return forward_logps(self.reference_model, batch, self.logps_options)
+
+    def precompute_reference_logps(self, batches: Iterable[dict], path: Optional[str] = None) -> int:
+        """Compute the reference log-probs of every pair in `batches` once, then free the reference model.
+
+        `path` keeps them between runs: entries already there are not recomputed, and the new ones
+        are written back. Each data-parallel process computes its own slices; all processes end
+        with every entry, so any batch layout finds its pairs. Returns the number computed here.
+        """
+        self.reference_cache = ReferenceLogpsCache(path if self.is_main_process else None)
+        self.reference_cache.update(broadcast_object(self.reference_cache.entries))
+        computed = {}
+        self.reference_model.eval()
+        for batch in batches:
+            if not all_ranks_agree(not self.reference_cache.missing(batch)):  # sharded models run on all or none
+                keys = self.reference_cache.keys(batch)
+                self.reference_cache.add(batch, self.reference_logps(batch))
+                computed.update((key, self.reference_cache.entries[key]) for key in keys)
+        for part in gather_objects(computed):
+            self.reference_cache.update(part)
+        if self.is_main_process:
+            self.reference_cache.save()
+        if not self.config.sample_during_eval:
+            self.release_reference_model()
+        return len(computed)
+
+    def release_reference_model(self) -> None:
+        """Free the reference model's memory once the cache holds all its log-probs (and samples)."""
+        self.reference_model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- evaluation and samples ---------------------------------------------------------------
 
@@ -250,16 +294,17 @@ class BasicTrainer:
         """
         rows, scores = [], defaultdict(list)
         remaining = self.config.n_eval_model_samples
-        for batch in self.eval_batches:
+        for batch_index, batch in enumerate(self.eval_batches):
             if remaining <= 0:
                 break
             local_rows = self._rows_to_sample(batch, remaining)
             if not self.processes.distributed:  # alone, sample only what is needed
                 batch = slice_batch(batch, 0, len(local_rows))
-            models = {"policy": self.policy}
-            if self.reference_model is not None:
-                models["reference"] = self.reference_model
-            samples = {role: self.generate(model, batch) for role, model in models.items()}
+            samples = {"policy": self.generate(self.policy, batch)}
+            if self.reference_model is not None and batch_index not in self.reference_samples:
+                self.reference_samples[batch_index] = self.generate(self.reference_model, batch)
+            if batch_index in self.reference_samples:
+                samples["reference"] = self.reference_samples[batch_index]
             local = [self._judged_row(batch, index, samples) for index in local_rows]
             if self.processes.tp_rank != 0:  # tensor-parallel peers sampled the same rows
                 local = []
@@ -271,6 +316,8 @@ class BasicTrainer:
                 if f"judge_{role}" in row:
                     scores[f"judge_eval/{role}"].append(row[f"judge_{role}"])
         self.sink.log_samples(rows, self.example_counter)
+        if self.reference_cache is not None and self.reference_model is not None:
+            self.release_reference_model()  # its samples are kept: nothing needs it any more
         if rows:
             self.sink.print("policy samples:\n" + "\n".join(repr(row["prompt"] + row["policy"]) for row in rows[:4]))
         return scores
@@ -384,6 +431,8 @@ class BasicTrainer:
             self.reference_model.to(self.device)
         if self.config.activation_checkpointing:
             enable_activation_checkpointing(self.policy)
+        if self.config.get("compile"):
+            compile_blocks([self.policy, self.reference_model], self.config.model.block_name)
 
     def clip_gradient(self) -> float:
         """Clip to `max_grad_norm` (null: no clipping); return the norm before clipping."""
