@@ -23,6 +23,7 @@ from dpo.layout import sequences_of
 from dpo.logps import SequenceLogps
 
 CACHE_FOLDER = "reference_logps"
+KEY_BYTES = 16
 Entry = tuple[float, float, float, float]  # chosen and rejected log-probs, chosen and rejected token counts
 
 
@@ -88,7 +89,7 @@ class ReferenceLogpsCache:
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         keys = list(self.entries)
-        state = {"keys": torch.tensor([list(key) for key in keys], dtype=torch.uint8).reshape(len(keys), -1),
+        state = {"keys": torch.tensor([list(key) for key in keys], dtype=torch.uint8).reshape(len(keys), KEY_BYTES),
                  "values": torch.tensor([self.entries[key] for key in keys], dtype=torch.float32).reshape(-1, 4)}
         temporary = f"{self.path}.{os.getpid()}.tmp"
         save_synced(state, temporary)
@@ -96,7 +97,7 @@ class ReferenceLogpsCache:
 
 
 def _digest(tensors: tuple[Tensor, ...]) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.blake2b(digest_size=KEY_BYTES)
     for tensor in tensors:
         digest.update(tensor.to(torch.int64).numpy().tobytes())
         digest.update(b"|")
