@@ -13,6 +13,7 @@ checkpoint's `optimizer/` directory (restorable with the same number of processe
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -47,6 +48,9 @@ class FSDPTrainer(BasicTrainer):
 
     def clip_gradient(self) -> float:
         return clip_grad_norm(self.policy.parameters(), self.config.max_grad_norm)
+
+    def autocast(self):
+        return contextlib.nullcontext()  # FSDP2's MixedPrecisionPolicy (place_models) does it
 
     def policy_state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -12,6 +12,7 @@ the optimizer and scheduler, the counters and every process's random state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -139,15 +140,14 @@ class BasicTrainer:
         start = time.time()
         steps = self.config.gradient_accumulation_steps
         per_step = batch_size_of(batch) // steps
-        lists = defaultdict(list)
+        parts = []
         for index in range(steps):
             microbatch = slice_batch(batch, index * per_step, (index + 1) * per_step)
-            loss, metrics = self.batch_metrics(microbatch, train=True)
+            loss, values = self.batch_metrics(microbatch, train=True)
             (loss / steps).backward()
-            for key, values in metrics.items():
-                lists[key].extend(values)
+            parts.append(values)
         grad_norm = self.clip_gradient()
-        metrics = mean_metrics(lists)
+        metrics = mean_metrics(self.gather_metrics(parts))
         if self.step_is_finite(metrics["loss/train"], grad_norm):
             self.optimizer.step()
             self.scheduler.step()
@@ -195,11 +195,12 @@ class BasicTrainer:
         checkpoint = newest_checkpoint(self.run_dir)
         return f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
 
-    def batch_metrics(self, batch: dict, train: bool) -> tuple[Tensor, dict[str, list[float]]]:
-        """(mean loss of this process's rows, per-example metric values of the whole global batch)."""
+    def batch_metrics(self, batch: dict, train: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """(mean loss of this process's rows, per-example metric values of those rows, still on the device)."""
         split = "train" if train else "eval"
-        policy_logps = self.policy_logps(batch)
-        reference_logps = self.reference_logps(batch) if self.loss.needs_reference else None
+        with self.autocast():
+            policy_logps = self.policy_logps(batch)
+            reference_logps = self.reference_logps(batch) if self.loss.needs_reference else None
         losses, chosen_rewards, rejected_rewards = self.loss(policy_logps, reference_logps)
         values = {f"loss/{split}": losses.detach(), f"logps_{split}/chosen": policy_logps.chosen.detach()}
         if policy_logps.rejected is not None:
@@ -209,14 +210,28 @@ class BasicTrainer:
             values[f"rewards_{split}/rejected"] = rejected_rewards
             values[f"rewards_{split}/accuracies"] = (chosen_rewards > rejected_rewards).float()
             values[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
-        padding = batch.get("is_padding")
-        if padding is not None:
-            values["is_padding"] = torch.tensor(padding, dtype=torch.float32, device=losses.device)
+        padding = batch.get("is_padding") or [False] * len(losses)
+        values["is_padding"] = torch.tensor(padding, dtype=torch.float32, device=losses.device)
+        return losses.mean(), values
+
+    def gather_metrics(self, parts: list[dict[str, Tensor]]) -> dict[str, list[float]]:
+        """Per-example values of every process's rows, in one collective and one copy to the host.
+
+        Called once per optimizer step (and once per evaluation), so the device is never made to
+        wait for the host inside a step, whatever the number of metrics and micro-batches.
+        """
+        values = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
         gathered = gather_values(values, self.processes)
-        padding = gathered.pop("is_padding", None)
-        if padding is not None:  # rows that only fill up an uneven last eval batch count nowhere
-            gathered = {key: [v for v, pad in zip(values, padding) if not pad] for key, values in gathered.items()}
-        return losses.mean(), gathered
+        padding = gathered.pop("is_padding")  # rows that only fill up an uneven last eval batch count nowhere
+        return {key: [v for v, pad in zip(column, padding) if not pad] for key, column in gathered.items()}
+
+    def autocast(self):
+        """Mixed precision on one device: `model.fsdp_policy_mp` computes in that dtype over float32 weights
+        (the parallel trainers get the same from FSDP2's policy instead)."""
+        dtype = self.config.model.get("fsdp_policy_mp")
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, dtype))
 
     def policy_logps(self, batch: dict) -> SequenceLogps:
         """Log-probs of the batch's responses under the policy, with gradients when training."""
@@ -270,12 +285,11 @@ class BasicTrainer:
     def evaluate(self) -> dict:
         """Mean eval metrics over `eval_batches`, plus judged samples if `sample_during_eval`."""
         self.policy.eval()
-        lists = defaultdict(list)
+        parts = []
         for batch in tqdm.tqdm(self.eval_batches, desc="eval", disable=not self.is_main_process, leave=False):
             with torch.no_grad():
-                _, metrics = self.batch_metrics(batch, train=False)
-            for key, values in metrics.items():
-                lists[key].extend(values)
+                parts.append(self.batch_metrics(batch, train=False)[1])
+        lists = defaultdict(list, self.gather_metrics(parts) if parts else {})
         loss = mean_metrics(lists).get("loss/eval", 0.0)
         if not math.isfinite(loss):  # sampling from such a model would fail with a torch error
             raise TrainingError(f"evaluation after {self.example_counter} examples gives loss/eval {loss}, so the "
