@@ -13,6 +13,7 @@ the optimizer and scheduler, the counters and every process's random state.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import random
@@ -26,6 +27,7 @@ import torch
 import tqdm
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from dpo.checkpoints import (finish_checkpoint, partial_directory, save_synced, start_checkpoint,
                              to_reference_names, write_checkpoint_files)
@@ -93,7 +95,9 @@ class BasicTrainer:
         self.reference_cache: Optional[ReferenceLogpsCache] = None  # see precompute_reference_logps
         self.reference_samples: dict[int, list[str]] = {}  # by eval batch: the frozen reference samples alike every time
         self.place_models()
-        self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
+        optimizer_class = getattr(torch.optim, config.optimizer)
+        parameters = list(self.policy.parameters())
+        self.optimizer = optimizer_class(parameters, lr=config.lr, **fused_if_available(optimizer_class, parameters, self.device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(config.warmup_steps))
 
     @property
@@ -487,6 +491,15 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def fused_if_available(optimizer_class: type, parameters: list[Tensor], device: torch.device) -> dict:
+    """`fused=True` where the optimizer has a fused CUDA kernel (Adam, AdamW, SGD, ...) and the parameters are
+    plain tensors on the GPU (not sharded DTensors): one kernel updates them all, not several per parameter."""
+    plain = all(not isinstance(param, DTensor) for param in parameters)
+    if device.type == "cuda" and plain and "fused" in inspect.signature(optimizer_class).parameters:
+        return {"fused": True}
+    return {}
 
 
 def seed_everything(seed: int) -> None:

@@ -180,3 +180,44 @@ def test_real_hh_rows_train_alike_with_packing_and_prefix_sharing(tmp_path):
         losses[name] = train_losses(tmp_path / name)
     assert len(losses["plain"]) == 4
     assert losses["fast"] == pytest.approx(losses["plain"], rel=1e-5)
+
+
+# ---- precision, kernels, compilation ------------------------------------------------------------------------
+
+
+def test_a_fused_optimizer_is_chosen_on_the_gpu_where_one_exists():
+    from dpo.trainers import fused_if_available
+
+    parameters = list(torch.nn.Linear(2, 2).parameters())
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_if_available(torch.optim.AdamW, parameters, cuda) == {"fused": True}
+    assert fused_if_available(torch.optim.RMSprop, parameters, cuda) == {}  # RMSprop has no fused kernel
+    assert fused_if_available(torch.optim.AdamW, parameters, cpu) == {}
+
+
+def test_mixed_precision_on_one_device_computes_in_bfloat16(tmp_path):
+    """model.fsdp_policy_mp=bfloat16 with BasicTrainer: float32 weights, bfloat16 matmuls (close, not equal)."""
+    runs = {}
+    for name, overrides in {"float32": [], "bfloat16": ["model.fsdp_policy_mp=bfloat16"]}.items():
+        train_script.train(quick(tmp_path / name, "n_examples=64", "sample_during_eval=false", *overrides))
+        runs[name] = train_losses(tmp_path / name)
+    assert runs["bfloat16"] != runs["float32"]
+    assert runs["bfloat16"] == pytest.approx(runs["float32"], rel=2e-2)
+    state = torch.load(tmp_path / "bfloat16" / "LATEST" / "policy.pt", weights_only=True)["state"]
+    assert all(value.dtype == torch.float32 for value in state.values() if value.is_floating_point())
+
+
+def test_compiled_blocks_train_like_eager_ones(tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    runs = {}
+    for name, overrides in {"eager": [], "compiled": ["compile=true"]}.items():
+        train_script.train(quick(tmp_path / name, *DPO, "n_examples=64", "sample_during_eval=false", "packing=true",
+                                 *overrides))
+        runs[name] = train_losses(tmp_path / name)
+    assert counters["stats"]["unique_graphs"] > 0  # something was compiled
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
+    eager = torch.load(tmp_path / "eager" / "LATEST" / "policy.pt", weights_only=True)["state"]
+    compiled = torch.load(tmp_path / "compiled" / "LATEST" / "policy.pt", weights_only=True)["state"]
+    assert list(eager) == list(compiled)  # compiling renames nothing in the checkpoint
