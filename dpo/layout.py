@@ -25,6 +25,7 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 PROMPT_BRANCH, CHOSEN_BRANCH, REJECTED_BRANCH = 0, 1, 2
+MASKABLE_ATTENTION = ("sdpa", "eager")  # the attention implementations that take packing's 4-D mask
 
 
 @dataclass

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from dpo.layout import IGNORE_INDEX, ModelInputs, packed_inputs, padded_inputs
+from dpo.errors import ConfigError
+from dpo.layout import IGNORE_INDEX, MASKABLE_ATTENTION, ModelInputs, packed_inputs, padded_inputs
 
 
 @dataclass
@@ -103,6 +104,14 @@ class LogpsOptions:
     def from_config(cls, config: Mapping[str, Any]) -> "LogpsOptions":
         return cls(lm_head_chunk_size=config.get("lm_head_chunk_size", 1024), packing=bool(config.get("packing")),
                    prefix_sharing=bool(config.get("prefix_sharing")))
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, before training, a packed layout on attention that cannot take its mask."""
+        attention = getattr(model.config, "_attn_implementation", None)
+        if (self.packing or self.prefix_sharing) and attention not in MASKABLE_ATTENTION:
+            key = "prefix_sharing" if self.prefix_sharing else "packing"
+            raise ConfigError(f"{key}=true needs attention that takes a mask ({' or '.join(MASKABLE_ATTENTION)}), but "
+                              f"the model uses {attention}; set {key}=false, or load the model with sdpa attention")
 
     def layout(self, batch: Mapping[str, Any]) -> ModelInputs:
         if self.packing or self.prefix_sharing:

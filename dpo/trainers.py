@@ -92,6 +92,7 @@ class BasicTrainer:
         self.consecutive_skips = 0
         self.resumed_at: Optional[int] = None  # the example count a resumed run continues from
         self.logps_options = LogpsOptions.from_config(config)
+        self.logps_options.check(policy)
         self.reference_cache: Optional[ReferenceLogpsCache] = None  # see precompute_reference_logps
         self.reference_samples: dict[int, list[str]] = {}  # by eval batch: the frozen reference samples alike every time
         self.place_models()

@@ -240,3 +240,13 @@ def test_eager_attention_gets_an_additive_mask(tokenizer):
     allowed = packed.model_kwargs("sdpa", torch.bfloat16)["attention_mask"]
     assert mask.dtype == torch.bfloat16
     assert (mask[allowed] == 0).all() and (mask[~allowed] == torch.finfo(torch.bfloat16).min).all()
+
+
+def test_trainers_refuse_packing_on_attention_without_masks_before_training():
+    from dpo.errors import ConfigError
+
+    model = make_model("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    LogpsOptions().check(model)  # the padded layout works with any attention
+    with pytest.raises(ConfigError, match="prefix_sharing=true needs attention that takes a mask.*flash_attention_2"):
+        LogpsOptions(prefix_sharing=True).check(model)
