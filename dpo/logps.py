@@ -132,9 +132,10 @@ def forward_logps(model: nn.Module, batch: Mapping[str, Any], options: LogpsOpti
     Gradients flow unless the caller disables them (the reference model runs under no_grad).
     """
     device = next(model.parameters()).device
-    inputs = options.layout(batch).to(device)
-    token_logps = response_token_logps(model, inputs, options.lm_head_chunk_size)
+    inputs = options.layout(batch)
     n_sequences, width = inputs.n_sequences, int(inputs.token_index.max()) + 1 if len(inputs.token_index) else 1
+    inputs = inputs.to(device)  # sizes are read before: no waiting on the device
+    token_logps = response_token_logps(model, inputs, options.lm_head_chunk_size)
     # Summing a (sequence, position) grid adds each sequence's tokens in the same order in every layout.
     grid = token_logps.new_zeros(n_sequences, width).index_put((inputs.sequence_index, inputs.token_index),
                                                                 token_logps)
