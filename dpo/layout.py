@@ -10,7 +10,8 @@ Three layouts, all giving the same log-probs:
   followed by both responses; the chosen response attends to the prompt and itself, the rejected one to
   the prompt and itself, and both continue the prompt's positions. The prompt is computed once, not twice.
 
-Whatever the layout, `ModelInputs` lists each response token's prediction as (the flat output position
+A collated batch is a dict of per-example rows; `micro_batches` and `slice_batch` cut it by examples
+before any layout is chosen. Whatever the layout, `ModelInputs` lists each response token's prediction as (the flat output position
 that predicts it, the token, its sequence, its index within the sequence), so `dpo.logps` runs the LM
 head at exactly those positions and sums per sequence in the same order for every layout.
 """
@@ -26,6 +27,22 @@ from torch import Tensor
 IGNORE_INDEX = -100
 PROMPT_BRANCH, CHOSEN_BRANCH, REJECTED_BRANCH = 0, 1, 2
 MASKABLE_ATTENTION = ("sdpa", "eager")  # the attention implementations that take packing's 4-D mask
+
+
+def batch_size_of(batch: Mapping[str, Any]) -> int:
+    """Examples (pairs, or SFT targets) in a collated batch."""
+    return len(batch["prompt"])
+
+
+def slice_batch(batch: Mapping[str, Any], start: int, end: int) -> dict:
+    """Examples [start, end) of a collated batch: rows of every field, tensors and lists alike."""
+    return {key: value[start:end] for key, value in batch.items()}
+
+
+def micro_batches(batch: Mapping[str, Any], count: int) -> list[dict]:
+    """`batch` in `count` equal consecutive slices (gradient accumulation)."""
+    size = batch_size_of(batch) // count
+    return [slice_batch(batch, index * size, (index + 1) * size) for index in range(count)]
 
 
 @dataclass

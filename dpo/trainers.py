@@ -34,6 +34,7 @@ from dpo.checkpoints import (finish_checkpoint, partial_directory, save_synced, 
 from dpo.distributed import (Processes, all_ranks_agree, barrier, broadcast_object, gather_objects, gather_values,
                              single_process)
 from dpo.errors import CheckpointError, RunDirError, TrainingError
+from dpo.layout import batch_size_of, micro_batches, slice_batch
 from dpo.logps import LogpsOptions, SequenceLogps, forward_logps
 from dpo.losses import PreferenceLoss
 from dpo.metrics import MetricsSink, mean_metrics
@@ -45,15 +46,6 @@ from dpo.rundir import RESUME_STATE_FILE, describe_os_error, newest_checkpoint
 MAX_CONSECUTIVE_SKIPS = 10
 
 Judge = Callable[[str, str], float]
-
-
-def slice_batch(batch: Mapping[str, Any], start: int, end: int) -> dict:
-    """Rows [start, end) of every field (tensors and lists alike)."""
-    return {key: value[start:end] for key, value in batch.items()}
-
-
-def batch_size_of(batch: Mapping[str, Any]) -> int:
-    return len(batch["prompt"])
 
 
 def warmup_schedule(warmup_steps: int) -> Callable[[int], float]:
@@ -144,10 +136,8 @@ class BasicTrainer:
         self.policy.train()
         start = time.time()
         steps = self.config.gradient_accumulation_steps
-        per_step = batch_size_of(batch) // steps
         parts = []
-        for index in range(steps):
-            microbatch = slice_batch(batch, index * per_step, (index + 1) * per_step)
+        for microbatch in micro_batches(batch, steps):
             loss, values = self.batch_metrics(microbatch, train=True)
             (loss / steps).backward()
             parts.append(values)

@@ -3,7 +3,6 @@ give the run the plain path gives, step by step; the cache is reused, and the re
 
 import gzip
 import itertools
-import json
 import os
 from pathlib import Path
 
