@@ -23,5 +23,10 @@ setup(
         "pyarrow",
         "safetensors",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # TRL only for benchmarks/dpo_step.py's side-by-side rows; pinned because the benchmark feeds it
+        # pre-tokenized pairs through two of its internal methods.
+        "bench": ["trl==1.16.0"],
+    },
 )

@@ -1,6 +1,6 @@
 """Whole DPO runs on real HH-RLHF rows, once per log-prob path: the same losses, and how much faster.
 
-    python benchmarks/hh_runs.py --out /tmp/hh_runs [--examples 96] [--hidden 256] [--layers 4]
+    python benchmarks/hh_runs.py --out /tmp/hh_runs [--examples 96] [--hidden 512] [--layers 6]
 
 Each path is a real `train.py` run (a fresh process, one after another, so they do not share the
 cores) of a small GPT-NeoX built from a config with the real GPT-NeoX tokenizer, on the first rows
@@ -67,8 +67,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--examples", type=int, default=96, help="training pairs per run (8 per step)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512, help="512 x 6 layers: the shape of Pythia-70m")
+    parser.add_argument("--layers", type=int, default=6)
     args = parser.parse_args(argv)
     if not (HH_ROWS.is_file() and TOKENIZER.is_dir()):
         sys.exit(f"needs {HH_ROWS} and {TOKENIZER} (../shared beside the checkout)")

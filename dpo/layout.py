@@ -108,12 +108,35 @@ def sequences_of(batch: Mapping[str, Any]) -> list[tuple[Tensor, Tensor]]:
     return sequences
 
 
+def pad_to_length(tensor: Tensor, length: int, pad_value: int, dim: int = -1) -> Tensor:
+    """Right-pad `tensor` along `dim` to `length` with `pad_value`."""
+    missing = length - tensor.size(dim)
+    if missing <= 0:
+        return tensor
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = missing
+    return torch.cat([tensor, tensor.new_full(pad_shape, pad_value)], dim=dim)
+
+
+def concatenated_inputs(batch: dict) -> dict[str, Tensor]:
+    """Stack chosen over rejected sequences into `concatenated_{input_ids,attention_mask,labels}`.
+
+    Both halves are right-padded to the longer one so that one forward pass serves both.
+    """
+    max_length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    concatenated = {}
+    for field, pad_value in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        concatenated[f"concatenated_{field}"] = torch.cat([
+            pad_to_length(batch[f"chosen_{field}"], max_length, pad_value),
+            pad_to_length(batch[f"rejected_{field}"], max_length, pad_value),
+        ])
+    return concatenated
+
+
 def padded_inputs(batch: Mapping[str, Any]) -> ModelInputs:
     """Chosen over rejected, right-padded to the longer (the reference implementation's layout)."""
     if "rejected_input_ids" in batch:
-        width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-        fields = {field: torch.cat([_pad(batch[f"chosen_{field}"], width, pad), _pad(batch[f"rejected_{field}"], width, pad)])
-                  for field, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX))}
+        fields = {key[len("concatenated_"):]: value for key, value in concatenated_inputs(batch).items()}
     else:
         fields = {field: batch[f"chosen_{field}"] for field in ("input_ids", "attention_mask", "labels")}
     labels = fields["labels"][:, 1:]
@@ -218,8 +241,3 @@ def _first_fit_decreasing(segments: list[_Segment]) -> list[list[tuple[int, _Seg
         rows[row].append((filled[row], segment))
         filled[row] += len(segment)
     return rows
-
-
-def _pad(tensor: Tensor, width: int, value: int) -> Tensor:
-    missing = width - tensor.shape[1]
-    return tensor if missing <= 0 else torch.cat([tensor, tensor.new_full((tensor.shape[0], missing), value)], dim=1)

@@ -18,7 +18,12 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from dpo.errors import ConfigError
-from dpo.layout import IGNORE_INDEX, MASKABLE_ATTENTION, ModelInputs, packed_inputs, padded_inputs
+from dpo.layout import (IGNORE_INDEX, MASKABLE_ATTENTION, ModelInputs, concatenated_inputs, packed_inputs,
+                        pad_to_length, padded_inputs)
+
+# concatenated_inputs and pad_to_length live with the layouts; they are here too as the reference's API.
+__all__ = ["IGNORE_INDEX", "SequenceLogps", "LogpsOptions", "forward_logps", "get_batch_logps", "per_token_logps",
+           "concatenated_inputs", "pad_to_length", "response_token_logps"]
 
 
 @dataclass
@@ -59,31 +64,6 @@ def per_token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     # gather - logsumexp keeps no full-vocabulary log-softmax tensor alive for the backward pass.
     token_logps = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
     return token_logps, mask.to(token_logps.dtype)
-
-
-def pad_to_length(tensor: Tensor, length: int, pad_value: int, dim: int = -1) -> Tensor:
-    """Right-pad `tensor` along `dim` to `length` with `pad_value`."""
-    missing = length - tensor.size(dim)
-    if missing <= 0:
-        return tensor
-    pad_shape = list(tensor.shape)
-    pad_shape[dim] = missing
-    return torch.cat([tensor, tensor.new_full(pad_shape, pad_value)], dim=dim)
-
-
-def concatenated_inputs(batch: dict) -> dict[str, Tensor]:
-    """Stack chosen over rejected sequences into `concatenated_{input_ids,attention_mask,labels}`.
-
-    Both halves are right-padded to the longer one so that one forward pass serves both.
-    """
-    max_length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    concatenated = {}
-    for field, pad_value in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
-        concatenated[f"concatenated_{field}"] = torch.cat([
-            pad_to_length(batch[f"chosen_{field}"], max_length, pad_value),
-            pad_to_length(batch[f"rejected_{field}"], max_length, pad_value),
-        ])
-    return concatenated
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,46 @@
+"""`benchmarks/dpo_step.py --quick`: every implementation trains the same weights on the same batches, so
+their losses agree; a mode that silently fell back or broke would show as a skipped row or another loss."""
+
+import json
+import sys
+
+import pytest
+
+from test_train import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import dpo_step  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    dpo_step.main(["--device", "cpu", "--out", str(out), "--quick", "--implementations", "dpo,reference"])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_mode_of_both_implementations_ran(results):
+    _, rows = results
+    ran = {(row["implementation"], row["mode"]) for row in rows if not row["skipped"]}
+    assert {mode for implementation, mode in ran if implementation == "dpo"} >= {
+        "plain", "chunked", "packed", "prefix_shared", "prefix_shared+cached_reference"}
+    assert any(implementation == "reference" for implementation, _ in ran)
+    for row in rows:
+        if not row["skipped"]:
+            assert row["pairs_per_s"] > 0 and row["useful_tokens_per_s"] > 0 and row["peak_memory_bytes"] > 0
+            assert row["device"] == "cpu"
+
+
+def test_the_library_and_the_reference_step_reach_the_same_loss(results):
+    _, rows = results
+    float32 = [row for row in rows if not row["skipped"] and "bf16" not in row["mode"]]
+    losses = [row["final_loss"] for row in float32]
+    assert len(losses) >= 6
+    assert max(losses) - min(losses) < 1e-4, {(row["implementation"], row["mode"]): row["final_loss"] for row in float32}
+
+
+def test_the_table_is_written(results):
+    out, rows = results
+    table = (out / "results.md").read_text()
+    assert "| dpo |" in table and "| reference |" in table and "pairs/s" in table
