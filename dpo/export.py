@@ -41,9 +41,10 @@ def export_checkpoint(checkpoint_dir: str, output_dir: Optional[str] = None,
     builds it. Returns what transformers 4.29.2 cannot represent (empty when it loads the same model).
     Raises CheckpointError or ConfigError naming the path and the fix.
     """
-    policy_path = _policy_path(checkpoint_dir)
+    policy_path = checkpoint_policy_path(checkpoint_dir)
     config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)), "config.yaml")
-    model_config, cache_dir = _read_model_config(config_path)
+    config, cache_dir = read_run_config(config_path)
+    model_config = config["model"]
     archive = read_archive(policy_path, label=policy_path)
     tokenizer = load_tokenizer(model_config, cache_dir=cache_dir)
     dtype = torch_dtype(model_config.get("policy_dtype", "float32"), "model.policy_dtype")
@@ -53,7 +54,7 @@ def export_checkpoint(checkpoint_dir: str, output_dir: Optional[str] = None,
     return _write_into(output_dir or checkpoint_dir, model, tokenizer)
 
 
-def _policy_path(checkpoint_dir: str) -> str:
+def checkpoint_policy_path(checkpoint_dir: str) -> str:
     if not os.path.isdir(checkpoint_dir):
         raise CheckpointError(f"{checkpoint_dir} is not a directory; give a checkpoint directory such as "
                               "<run dir>/step-1024 or <run dir>/LATEST")
@@ -64,8 +65,8 @@ def _policy_path(checkpoint_dir: str) -> str:
     return path
 
 
-def _read_model_config(config_path: str) -> tuple[dict, Optional[str]]:
-    """The `model` section of a run's config.yaml, and the cache directory the run used."""
+def read_run_config(config_path: str) -> tuple[dict, Optional[str]]:
+    """A run's config.yaml as a dict (checked to have a `model` section), and the cache directory the run used."""
     if not os.path.isfile(config_path):
         raise ConfigError(f"{config_path} does not exist, and the model cannot be rebuilt without the run's "
                           "config; pass --config <run dir>/config.yaml")
@@ -80,7 +81,7 @@ def _read_model_config(config_path: str) -> tuple[dict, Optional[str]]:
         raise ConfigError(f"{config_path} has no model section, so it is not a run's config.yaml; pass "
                           "--config <run dir>/config.yaml")
     local_dirs = config.get("local_dirs")
-    return config["model"], get_local_dir(list(local_dirs)) if local_dirs else None
+    return config, get_local_dir(list(local_dirs)) if local_dirs else None
 
 
 def _write_into(directory: str, model, tokenizer) -> list[str]:
