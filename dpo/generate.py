@@ -6,8 +6,8 @@
 
 A run directory (or one of its checkpoints, `LATEST/` by default) is rebuilt from the run's
 config.yaml: the policy from the checkpoint, the reference as the run started (its `model.archive`,
-its hub or local model, or the same fresh initialisation). A plain Hugging Face model directory
-needs `--reference`. Prompts come from a text file (one per line), a .jsonl file (a `prompt` field
+its hub or local model, or the same fresh initialisation), unless `--reference` names another
+model to compare with. A plain Hugging Face model directory needs `--reference`. Prompts come from a text file (one per line), a .jsonl file (a `prompt` field
 per row), or a dataset name or path as in `datasets=[...]` (its test split). Both models sample with
 the same seed. For a dataset with a judge (`toy`), both completions are scored and the policy's win
 rate reported. Writes `generations.jsonl` and `generations.md` to `--out` (default
@@ -83,6 +83,8 @@ def load_side_by_side(path: str, reference: Optional[str] = None, device: Option
         pair = _from_model_directories(path, reference)
     else:
         pair = _from_run(run_dir, checkpoint)
+        if reference is not None:  # compare with another model than the one the run started from
+            pair.reference = _hf_model(reference)
     for model in (pair.policy, pair.reference):
         model.to(device).eval()
     return pair
@@ -110,14 +112,19 @@ def _from_run(run_dir: str, checkpoint: str) -> SideBySide:
 
 
 def _from_model_directories(path: str, reference: Optional[str]) -> SideBySide:
-    from transformers import AutoModelForCausalLM
-
     if reference is None:
         raise ConfigError(f"{path} is not a run directory (no config.yaml in it or its parent), so its starting "
                           "model is unknown; pass --reference <model directory or hub name>")
-    tokenizer = load_tokenizer({"name_or_path": path})
-    return SideBySide(AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(reference),
-                      tokenizer)
+    return SideBySide(_hf_model(path), _hf_model(reference), load_tokenizer({"name_or_path": path}))
+
+
+def _hf_model(name_or_path: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from dpo.models import explained_load_errors
+
+    with explained_load_errors("--reference", name_or_path):
+        return AutoModelForCausalLM.from_pretrained(name_or_path)
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ def load_tokenizer(model_config: Mapping[str, Any], cache_dir: Optional[str] = N
         tokenizer = build_char_tokenizer()
     elif name:
         key = "model.tokenizer_name_or_path" if model_config.get("tokenizer_name_or_path") else "model.name_or_path"
-        with _explained_load_errors(key, name):
+        with explained_load_errors(key, name):
             tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
     else:
         raise ConfigError("model.tokenizer_name_or_path is required when model.name_or_path is null "
@@ -66,7 +66,7 @@ def load_tokenizer(model_config: Mapping[str, Any], cache_dir: Optional[str] = N
 
 
 @contextmanager
-def _explained_load_errors(key: str, name: str):
+def explained_load_errors(key: str, name: str):
     """Turn the many ways a hub or directory load fails (offline, typo, no weights) into one sentence."""
     try:
         yield
@@ -100,7 +100,7 @@ def load_model(model_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBa
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         name = model_config["name_or_path"]
-        with _explained_load_errors("model.name_or_path", name):
+        with explained_load_errors("model.name_or_path", name):
             config = AutoConfig.from_pretrained(name, cache_dir=cache_dir)
             disable_config_dropout(config)
             model = AutoModelForCausalLM.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=dtype,
