@@ -182,9 +182,10 @@ def test_the_self_launcher_runs_the_same_training(uninterrupted, tmp_path):
 
 @pytest.mark.parametrize("trainer", ["FSDPTrainer", "TensorParallelTrainer"])
 def test_parallel_trainers_take_the_fast_paths_to_the_same_training(uninterrupted, tmp_path, trainer):
-    """Prefix sharing, packing and reference log-probs cached by a pass that every process shares."""
+    """Prefix sharing, packing, the chunked head (inside FSDP2's and DTensor's hooks) and reference log-probs
+    cached by a pass that every process shares."""
     run(command(tmp_path / "run", "n_examples=64", "packing=true", "prefix_sharing=true", "cache_reference_logps=true",
-                f"local_dirs=[{tmp_path}]", trainer=trainer))
+                "lm_head_chunk_size=64", f"local_dirs=[{tmp_path}]", trainer=trainer))
     fast, expected = train_lines(tmp_path / "run"), train_lines(uninterrupted["BasicTrainer"])[:8]
     assert [line["step"] for line in fast] == STEPS[:8]
     assert max(relative(a["loss/train"], b["loss/train"]) for a, b in zip(fast, expected)) < 1e-5

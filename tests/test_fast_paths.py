@@ -35,12 +35,13 @@ def eval_rows(run_dir):
 def runs(tmp_path_factory):
     """The same short DPO run of the tiny model with each path; all share one cache folder."""
     root = tmp_path_factory.mktemp("fast_paths")
+    chunked = "lm_head_chunk_size=64"  # tiny's default is the plain head; 64 makes several chunks per batch
     settings = {
         "plain": ["lm_head_chunk_size=null"],
-        "default": [],
-        "packed": ["packing=true"],
-        "prefix_shared": ["prefix_sharing=true"],
-        "cached": ["cache_reference_logps=true", "prefix_sharing=true"],
+        "chunked": [chunked],
+        "packed": ["packing=true", chunked],
+        "prefix_shared": ["prefix_sharing=true", chunked],
+        "cached": ["cache_reference_logps=true", "prefix_sharing=true", chunked],
         "cached_again": ["cache_reference_logps=true"],
     }
     for name, overrides in settings.items():
@@ -48,7 +49,7 @@ def runs(tmp_path_factory):
     return {name: root / name for name in settings}
 
 
-@pytest.mark.parametrize("name", ["default", "packed", "prefix_shared", "cached", "cached_again"])
+@pytest.mark.parametrize("name", ["chunked", "packed", "prefix_shared", "cached", "cached_again"])
 def test_every_path_trains_step_by_step_like_the_plain_one(runs, name):
     expected, losses = train_losses(runs["plain"]), train_losses(runs[name])
     assert len(losses) == len(expected) == 8
