@@ -25,6 +25,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7"],
+        # matplotlib for `python -m dpo.plot` and the plots written at the end of a run: the standard for
+        # static figures, and its Agg canvas needs no display.
+        "plot": ["matplotlib>=3.5"],
         # TRL only for benchmarks/dpo_step.py's side-by-side rows; pinned because the benchmark feeds it
         # pre-tokenized pairs through two of its internal methods.
         "bench": ["trl==1.16.0"],

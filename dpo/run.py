@@ -1,7 +1,7 @@
 """One training run, from a config to a checkpoint, in every process of the run.
 
 Reads top to bottom: processes -> config -> loss -> run directory (new, or one to resume) ->
-tokenizer -> data -> models -> trainer (-> cached reference log-probs) -> checkpoint. `train.py` calls `run_from_command_line`
+tokenizer -> data -> models -> trainer (-> cached reference log-probs) -> checkpoint -> plots. `train.py` calls `run_from_command_line`
 (directly, under torchrun, or in each process it starts itself); notebooks may call `run`.
 """
 
@@ -27,6 +27,7 @@ from dpo.errors import CheckpointError, ConfigError, RunDirError, UserError
 from dpo.losses import build_loss
 from dpo.metrics import MetricsSink, format_metrics
 from dpo.models import load_models, load_tokenizer
+from dpo.plot import plot_run_quietly
 from dpo.reference_cache import CACHE_FOLDER, reference_fingerprint
 from dpo.resume import repair_checkpoints, resumable_checkpoint, truncate_logs
 from dpo.rundir import (RESUME_STATE_FILE, check_run_dir_is_free, describe_os_error, newest_checkpoint,
@@ -116,6 +117,8 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
         trainer.save(metrics=final_metrics)
     finally:
         sink.close()
+    if main and not config.debug:
+        print(plot_run_quietly(run_dir))
     if main:
         summary = {k: v for k, v in final_metrics.items()
                    if k.startswith(("rewards_eval/accuracies", "rewards_eval/margins", "loss/eval", "judge_eval/"))}

@@ -1,7 +1,7 @@
 """The run directory: owned by one live run at a time, and never silently reused.
 
-A run writes `config.yaml`, `metrics.jsonl`, `samples.jsonl`, `step-N/` and `LATEST/` into its
-directory. Starting a second run there would mix two runs' files (and leave the first run's
+A run writes `config.yaml`, `metrics.jsonl`, `samples.jsonl`, `step-N/`, `LATEST/` and `plots/` into
+its directory (and `python -m dpo.generate` its `generations/`). Starting a second run there would mix two runs' files (and leave the first run's
 higher-numbered `step-N/` looking newest), so a directory that already holds a run is refused
 unless the user asks to overwrite it. A lock file naming the owner's pid and host refuses a
 second concurrent run; a lock whose process is gone (same host) is stale and taken over.
@@ -24,7 +24,7 @@ import torch
 from dpo.errors import CheckpointError, RunDirError
 
 LOCK_FILE = ".lock"
-_RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "LATEST", "wandb")
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "LATEST", "wandb", "plots", "generations")
 # A checkpoint directory holding this file (counters, random states) can be resumed from.
 RESUME_STATE_FILE = "train_state.pt"
 CHECKPOINT_NAME = re.compile(r"^(?:LATEST|step-(\d+))$")

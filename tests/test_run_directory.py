@@ -41,7 +41,7 @@ def test_a_directory_holding_a_run_is_refused_and_left_byte_identical(tmp_path):
     result = run_cli(f"local_run_dir={run_dir}", "seed=1", *SHORT_RUN)
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"error: local_run_dir={run_dir} already holds a run (LATEST, config.yaml, metrics.jsonl, samples.jsonl, ...); "
+        f"error: local_run_dir={run_dir} already holds a run (LATEST, config.yaml, metrics.jsonl, plots, ...); "
         "choose a new local_run_dir, or pass overwrite_run_dir=true to delete that run's files and start again")
     assert snapshot(run_dir) == before
 
