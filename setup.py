@@ -28,6 +28,9 @@ setup(
         # matplotlib for `python -m dpo.plot` and the plots written at the end of a run: the standard for
         # static figures, and its Agg canvas needs no display.
         "plot": ["matplotlib>=3.5"],
+        # Flask for `python -m dpo.demo`: small and stable, no frontend build, no network calls
+        # (Gradio is far heavier and phones home by default).
+        "demo": ["flask>=2.2"],
         # TRL only for benchmarks/dpo_step.py's side-by-side rows; pinned because the benchmark feeds it
         # pre-tokenized pairs through two of its internal methods.
         "bench": ["trl==1.16.0"],
