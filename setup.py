@@ -9,6 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dpo", "dpo.*"]),
     py_modules=["preference_datasets"],
+    package_data={"dpo": ["demo_static/*"]},  # the demo's page, which is not a package
     install_requires=[
         # Install torch first (see README): an unpinned torch requirement with no torch present pulls CUDA builds.
         "torch>=2.1",
