@@ -4,14 +4,14 @@
         [--n 16] [--max_new_tokens 64] [--temperature 1.0] [--top_p 1.0] [--seed 0] [--greedy]
         [--reference MODEL] [--out DIR]
 
-A run directory (or one of its checkpoints, `LATEST/` by default) is rebuilt from the run's
-config.yaml: the policy from the checkpoint, the reference as the run started (its `model.archive`,
-its hub or local model, or the same fresh initialisation), unless `--reference` names another
-model to compare with. A plain Hugging Face model directory needs `--reference`. Prompts come from a text file (one per line), a .jsonl file (a `prompt` field
-per row), or a dataset name or path as in `datasets=[...]` (its test split). Both models sample with
-the same seed. For a dataset with a judge (`toy`), both completions are scored and the policy's win
-rate reported. Writes `generations.jsonl` and `generations.md` to `--out` (default
-`RUN_DIR/generations/`) and prints a short table.
+A run directory (or one of its checkpoints, `LATEST/` by default) is rebuilt from the run's config.yaml:
+the policy from the checkpoint, the reference as the run started (its `model.archive`, its hub or local
+model, or the same fresh initialisation), unless `--reference` names another model to compare with. A
+plain Hugging Face model directory needs `--reference`. Prompts come from a text file (one per line), a
+.jsonl file (a `prompt` field per row), or a dataset name or path as in `datasets=[...]` (its test
+split). Both models sample with the same seed. For a dataset with a judge (`toy`), both completions are
+scored and the policy's win rate reported. Writes `generations.jsonl` and `generations.md` to `--out`
+(default `RUN_DIR/generations/`) and prints a short table.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ Three layouts, all giving the same log-probs:
   the prompt and itself, and both continue the prompt's positions. The prompt is computed once, not twice.
 
 A collated batch is a dict of per-example rows; `micro_batches` and `slice_batch` cut it by examples
-before any layout is chosen. Whatever the layout, `ModelInputs` lists each response token's prediction as (the flat output position
-that predicts it, the token, its sequence, its index within the sequence), so `dpo.logps` runs the LM
-head at exactly those positions and sums per sequence in the same order for every layout.
+before any layout is chosen. Whatever the layout, `ModelInputs` lists each response token's prediction
+as (the flat output position that predicts it, the token, its sequence, its index within the sequence),
+so `dpo.logps` runs the LM head at exactly those positions and sums per sequence in the same order for
+every layout.
 """
 
 from __future__ import annotations

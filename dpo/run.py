@@ -1,8 +1,9 @@
 """One training run, from a config to a checkpoint, in every process of the run.
 
-Reads top to bottom: processes -> config -> loss -> run directory (new, or one to resume) ->
-tokenizer -> data -> models -> trainer (-> cached reference log-probs) -> checkpoint -> plots. `train.py` calls `run_from_command_line`
-(directly, under torchrun, or in each process it starts itself); notebooks may call `run`.
+Reads top to bottom: processes -> config -> loss -> run directory (new, or one to resume) -> tokenizer
+-> data -> models -> trainer (-> cached reference log-probs) -> checkpoint -> plots. `train.py` calls
+`run_from_command_line` (directly, under torchrun, or in each process it starts itself); notebooks may
+call `run`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The run directory: owned by one live run at a time, and never silently reused.
 
-A run writes `config.yaml`, `metrics.jsonl`, `samples.jsonl`, `step-N/`, `LATEST/` and `plots/` into
-its directory (and `python -m dpo.generate` its `generations/`). Starting a second run there would mix two runs' files (and leave the first run's
-higher-numbered `step-N/` looking newest), so a directory that already holds a run is refused
-unless the user asks to overwrite it. A lock file naming the owner's pid and host refuses a
-second concurrent run; a lock whose process is gone (same host) is stale and taken over.
+A run writes `config.yaml`, `metrics.jsonl`, `samples.jsonl`, `step-N/`, `LATEST/` and `plots/` into its
+directory (and `python -m dpo.generate` its `generations/`). Starting a second run there would mix two
+runs' files (and leave the first run's higher-numbered `step-N/` looking newest), so a directory that
+already holds a run is refused unless the user asks to overwrite it. A lock file naming the owner's pid
+and host refuses a second concurrent run; a lock whose process is gone (same host) is stale and taken
+over.
 """
 
 from __future__ import annotations

@@ -86,11 +86,13 @@ class BasicTrainer:
         self.logps_options = LogpsOptions.from_config(config)
         self.logps_options.check(policy)
         self.reference_cache: Optional[ReferenceLogpsCache] = None  # see precompute_reference_logps
-        self.reference_samples: dict[int, list[str]] = {}  # by eval batch: the frozen reference samples alike every time
+        # by eval batch index: a frozen reference samples the same text at every evaluation, so once is enough
+        self.reference_samples: dict[int, list[str]] = {}
         self.place_models()
         optimizer_class = getattr(torch.optim, config.optimizer)
         parameters = list(self.policy.parameters())
-        self.optimizer = optimizer_class(parameters, lr=config.lr, **fused_if_available(optimizer_class, parameters, self.device))
+        fused = fused_if_available(optimizer_class, parameters, self.device)
+        self.optimizer = optimizer_class(parameters, lr=config.lr, **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(config.warmup_steps))
 
     @property
