@@ -11,13 +11,14 @@ import math
 import os
 from collections import Counter
 from datetime import datetime
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.data import dataset_source
 from dpo.errors import ConfigError
+from dpo.losses import loss_uses_pairs
 from dpo.models import torch_dtype
 
 _POSITIVE_INTEGERS = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length",
@@ -45,9 +46,20 @@ def get_local_run_dir(exp_name: str, local_dirs: list[str]) -> str:
     return os.path.join(get_local_dir(list(local_dirs)), f"{exp_name}_{timestamp}")
 
 
+def sft_or_preference(loss_name: str, sft_value: Any, preference_value: Any) -> Any:
+    """`${sft_or_preference:${loss.name},A,B}`: A for a loss on single responses (SFT), B for one on pairs.
+
+    A model config uses it for settings that differ between the two stages (the tiny model's
+    learning rate), so that every preference loss, including one added later, gets them.
+    """
+    return preference_value if loss_uses_pairs(str(loss_name)) else sft_value
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("get_local_run_dir"):
         OmegaConf.register_new_resolver("get_local_run_dir", get_local_run_dir)
+    if not OmegaConf.has_resolver("sft_or_preference"):
+        OmegaConf.register_new_resolver("sft_or_preference", sft_or_preference)
 
 
 def validate_config(config: DictConfig) -> None:

@@ -30,13 +30,27 @@ __all__ = ["IGNORE_INDEX", "SequenceLogps", "LogpsOptions", "forward_logps", "ge
 class SequenceLogps:
     """Summed log-probs of each sequence's response tokens, and how many tokens were summed.
 
-    `rejected` and `rejected_tokens` are None for chosen-only (SFT) batches.
+    `rejected` and `rejected_tokens` are None for chosen-only (SFT) batches. The per-token
+    log-probs (`*_token_logps`: [sequences, longest response], 0 past each response's end) are
+    there only when asked for (`forward_logps(..., token_logps=True)`).
     """
 
     chosen: Tensor
     rejected: Optional[Tensor] = None
     chosen_tokens: Optional[Tensor] = None
     rejected_tokens: Optional[Tensor] = None
+    chosen_token_logps: Optional[Tensor] = None
+    rejected_token_logps: Optional[Tensor] = None
+
+    def metrics(self) -> dict[str, Tensor]:
+        """Per-example log-prob metrics, detached: `logps/chosen`, `logps/rejected`, and their per-token means."""
+        metrics = {"logps/chosen": self.chosen.detach()}
+        if self.rejected is not None:
+            metrics["logps/rejected"] = self.rejected.detach()
+        for label, tokens in (("chosen", self.chosen_tokens), ("rejected", self.rejected_tokens)):
+            if tokens is not None and f"logps/{label}" in metrics:
+                metrics[f"logps/{label}_per_token"] = metrics[f"logps/{label}"] / tokens.clamp(min=1)
+        return metrics
 
 
 def get_batch_logps(logits: Tensor, labels: Tensor, average_log_prob: bool = False) -> Tensor:
@@ -106,26 +120,39 @@ PLAIN_HEAD_ARCHITECTURES = frozenset({
     "gpt_bigcode", "phi3", "olmo", "olmo2", "opt", "falcon", "stablelm", "starcoder2"})
 
 
-def forward_logps(model: nn.Module, batch: Mapping[str, Any], options: LogpsOptions = LogpsOptions()) -> SequenceLogps:
+def forward_logps(model: nn.Module, batch: Mapping[str, Any], options: LogpsOptions = LogpsOptions(),
+                  token_logps: bool = False) -> SequenceLogps:
     """Log-probs of the batch's chosen (and, if present, rejected) responses under `model`, in one model call.
 
     Gradients flow unless the caller disables them (the reference model runs under no_grad).
+    `token_logps` also returns each response token's log-prob (for losses that need them).
     """
     device = next(model.parameters()).device
     inputs = options.layout(batch)
     n_sequences, width = inputs.n_sequences, int(inputs.token_index.max()) + 1 if len(inputs.token_index) else 1
     inputs = inputs.to(device)  # sizes are read before: no waiting on the device
-    token_logps = response_token_logps(model, inputs, options.lm_head_chunk_size)
+    values = response_token_logps(model, inputs, options.lm_head_chunk_size)
     # Summing a (sequence, position) grid adds each sequence's tokens in the same order in every layout.
-    grid = token_logps.new_zeros(n_sequences, width).index_put((inputs.sequence_index, inputs.token_index),
-                                                                token_logps)
+    grid = values.new_zeros(n_sequences, width).index_put((inputs.sequence_index, inputs.token_index), values)
     logps = grid.sum(-1)
     tokens = torch.bincount(inputs.sequence_index, minlength=n_sequences).to(logps.dtype)
+    per_token = _response_aligned(values, inputs, n_sequences) if token_logps else None
     if "rejected_input_ids" not in batch:
-        return SequenceLogps(chosen=logps, chosen_tokens=tokens)
+        return SequenceLogps(chosen=logps, chosen_tokens=tokens, chosen_token_logps=per_token)
     n_chosen = n_sequences // 2
     return SequenceLogps(chosen=logps[:n_chosen], rejected=logps[n_chosen:],
-                         chosen_tokens=tokens[:n_chosen], rejected_tokens=tokens[n_chosen:])
+                         chosen_tokens=tokens[:n_chosen], rejected_tokens=tokens[n_chosen:],
+                         chosen_token_logps=per_token[:n_chosen] if token_logps else None,
+                         rejected_token_logps=per_token[n_chosen:] if token_logps else None)
+
+
+def _response_aligned(values: Tensor, inputs: ModelInputs, n_sequences: int) -> Tensor:
+    """Token log-probs as [sequences, longest response]: each response's first token in column 0."""
+    first = torch.full((n_sequences,), torch.iinfo(torch.long).max, device=values.device)
+    first = first.scatter_reduce(0, inputs.sequence_index, inputs.token_index, reduce="amin")
+    column = inputs.token_index - first[inputs.sequence_index]
+    width = int(column.max()) + 1 if len(column) else 1
+    return values.new_zeros(n_sequences, width).index_put((inputs.sequence_index, column), values)
 
 
 def response_token_logps(model: nn.Module, inputs: ModelInputs, chunk_size: Optional[int]) -> Tensor:

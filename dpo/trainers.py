@@ -33,7 +33,7 @@ from dpo.checkpoints import (finish_checkpoint, partial_directory, save_synced, 
                              to_reference_names, write_checkpoint_files)
 from dpo.distributed import (Processes, all_ranks_agree, barrier, broadcast_object, gather_objects, gather_values,
                              single_process)
-from dpo.errors import CheckpointError, RunDirError, TrainingError
+from dpo.errors import CheckpointError, ConfigError, DataError, RunDirError, TrainingError
 from dpo.layout import batch_size_of, micro_batches, slice_batch
 from dpo.logps import LogpsOptions, SequenceLogps, forward_logps
 from dpo.losses import PreferenceLoss
@@ -46,6 +46,12 @@ from dpo.rundir import RESUME_STATE_FILE, describe_os_error, newest_checkpoint
 MAX_CONSECUTIVE_SKIPS = 10
 
 Judge = Callable[[str, str], float]
+
+
+def split_metric_name(name: str, split: str) -> str:
+    """"rewards/chosen" -> "rewards_train/chosen", "loss" -> "loss/train": the reference implementation's names."""
+    group, slash, key = name.partition("/")
+    return f"{group}_{split}/{key}" if slash else f"{name}/{split}"
 
 
 def warmup_schedule(warmup_steps: int) -> Callable[[int], float]:
@@ -89,6 +95,7 @@ class BasicTrainer:
         # by eval batch index: a frozen reference samples the same text at every evaluation, so once is enough
         self.reference_samples: dict[int, list[str]] = {}
         self.place_models()
+        self.loss.to(self.device)  # its running statistics, if any (bco)
         optimizer_class = getattr(torch.optim, config.optimizer)
         parameters = list(self.policy.parameters())
         fused = fused_if_available(optimizer_class, parameters, self.device)
@@ -198,18 +205,21 @@ class BasicTrainer:
         with self.autocast():
             policy_logps = self.policy_logps(batch)
             reference_logps = self.reference_logps(batch) if self.loss.needs_reference else None
-        losses, chosen_rewards, rejected_rewards = self.loss(policy_logps, reference_logps)
-        values = {f"loss/{split}": losses.detach(), f"logps_{split}/chosen": policy_logps.chosen.detach()}
-        if policy_logps.rejected is not None:
-            values[f"logps_{split}/rejected"] = policy_logps.rejected.detach()
-        if chosen_rewards is not None:
-            values[f"rewards_{split}/chosen"] = chosen_rewards
-            values[f"rewards_{split}/rejected"] = rejected_rewards
-            values[f"rewards_{split}/accuracies"] = (chosen_rewards > rejected_rewards).float()
-            values[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
+        self.loss.train(train)  # a loss with running statistics (bco) updates them in training only
+        losses, loss_metrics = self.loss(policy_logps, reference_logps, self.loss_fields(batch))
+        values = {"loss": losses.detach(), **policy_logps.metrics(), **loss_metrics}
+        values = {split_metric_name(name, split): value for name, value in values.items()}
         padding = batch.get("is_padding") or [False] * len(losses)
         values["is_padding"] = torch.tensor(padding, dtype=torch.float32, device=losses.device)
         return losses.mean(), values
+
+    def loss_fields(self, batch: dict) -> dict[str, Tensor]:
+        """The batch fields the loss declares it needs (`loss.batch_fields`), as tensors on the device."""
+        missing = [field for field in self.loss.batch_fields if field not in batch]
+        if missing:
+            raise DataError(f"loss '{self.loss.name}' needs the batch field '{missing[0]}', which the datasets "
+                            f"{list(self.config.datasets)} do not provide; choose a dataset that has it, or another loss")
+        return {field: torch.as_tensor(batch[field], device=self.device) for field in self.loss.batch_fields}
 
     def gather_metrics(self, parts: list[dict[str, Tensor]]) -> dict[str, list[float]]:
         """Per-example values of every process's rows, in one collective and one copy to the host.
@@ -232,7 +242,7 @@ class BasicTrainer:
 
     def policy_logps(self, batch: dict) -> SequenceLogps:
         """Log-probs of the batch's responses under the policy, with gradients when training."""
-        return forward_logps(self.policy, batch, self.logps_options)
+        return forward_logps(self.policy, batch, self.logps_options, token_logps=self.loss.needs_token_logps)
 
     def reference_logps(self, batch: dict) -> SequenceLogps:
         """Log-probs of the batch's responses under the frozen reference model, from the cache where it has them."""
@@ -245,7 +255,8 @@ class BasicTrainer:
                                     "released after precompute_reference_logps; pass every batch the run will see "
                                     "to it, or set cache_reference_logps=false")
         with torch.no_grad():
-            return forward_logps(self.reference_model, batch, self.logps_options)
+            return forward_logps(self.reference_model, batch, self.logps_options,
+                                 token_logps=self.loss.needs_token_logps)
 
     def precompute_reference_logps(self, batches: Iterable[dict], path: Optional[str] = None) -> int:
         """Compute the reference log-probs of every pair in `batches` once, then free the reference model.
@@ -254,6 +265,9 @@ class BasicTrainer:
         are written back. Each data-parallel process computes its own slices; all processes end
         with every entry, so any batch layout finds its pairs. Returns the number computed here.
         """
+        if self.loss.needs_token_logps:
+            raise ConfigError(f"loss '{self.loss.name}' needs per-token reference log-probs, which "
+                              "cache_reference_logps does not keep (only sums); set cache_reference_logps=false")
         self.reference_cache = ReferenceLogpsCache(path if self.is_main_process else None)
         self.reference_cache.update(broadcast_object(self.reference_cache.entries))
         computed = {}
@@ -417,7 +431,8 @@ class BasicTrainer:
         return {"example_counter": self.example_counter, "batch_counter": self.batch_counter,
                 "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
                 "trainer": type(self).__name__, "world_size": self.processes.world_size,
-                "wandb_id": self.sink.wandb_id, "random_states": gather_objects(random_states())}
+                "wandb_id": self.sink.wandb_id, "random_states": gather_objects(random_states()),
+                "loss": self.loss.state_dict()}
 
     def load_checkpoint(self, directory: str) -> None:
         """Continue from the checkpoint in `directory` (its policy weights are already loaded).
@@ -431,6 +446,8 @@ class BasicTrainer:
         for key in ("example_counter", "batch_counter", "skipped_steps", "consecutive_skips"):
             setattr(self, key, state[key])
         set_random_states(state["random_states"][self.processes.rank])
+        if "loss" in state:  # running statistics of the loss (bco's reward shift); older checkpoints have none
+            self.loss.load_state_dict(state["loss"])
         self.resumed_at = self.example_counter
 
     # ---- what parallel trainers override ---------------------------------------------------------

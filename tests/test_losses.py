@@ -11,7 +11,7 @@ import torch
 
 from dpo.errors import ConfigError, UserError
 from dpo.logps import SequenceLogps
-from dpo.losses import LOSSES, PreferenceLoss, build_loss, preference_loss, register_loss
+from dpo.losses import LOSSES, LossOutput, PreferenceLoss, build_loss, preference_loss, register_loss
 
 BETAS = [0.01, 0.1, 0.5, 1.0]
 EPSILONS = [0.0, 0.1, 0.3, 0.49]
@@ -175,7 +175,8 @@ def test_module_losses_gradients_and_rewards_match_reference(config, beta, refer
     pc, pr, rc, rr = random_logps(seed=6)
     pc_, pr_ = leaf(pc), leaf(pr)
     reference = None if reference_free else pair(rc, rr)
-    losses, chosen_rewards, rejected_rewards = loss(pair(pc_, pr_), reference)
+    losses, metrics = loss(pair(pc_, pr_), reference)
+    chosen_rewards, rejected_rewards = metrics["rewards/chosen"], metrics["rewards/rejected"]
 
     expected, dldh = reference_losses(kind, beta, eps, pc, pr, rc, rr, reference_free)
     assert losses.shape == (len(pc),)
@@ -222,7 +223,8 @@ def test_module_agrees_with_functional(config, functional_kwargs):
     pc, pr, rc, rr = random_logps(seed=8)
     module_out = build_loss(config)(pair(pc, pr), pair(rc, rr))
     functional_out = preference_loss(pc, pr, rc, rr, **functional_kwargs)
-    for m, f in zip(module_out, functional_out):
+    module_triple = (module_out.losses, module_out.chosen_rewards, module_out.rejected_rewards)
+    for m, f in zip(module_triple, functional_out, strict=True):
         close(m, f)
 
 
@@ -246,12 +248,14 @@ def test_sft_builds_from_its_name_alone():
     assert isinstance(loss, LOSSES["sft"])
 
 
-def test_sft_loss_is_negative_chosen_logps_without_rewards():
+def test_sft_loss_is_negative_chosen_logps_and_reports_the_per_token_nll():
     pc, _, _, _ = random_logps(seed=11)
     pc_ = leaf(pc)
-    losses, chosen_rewards, rejected_rewards = LOSSES["sft"]()(SequenceLogps(chosen=pc_))
+    tokens = torch.arange(len(pc), dtype=torch.float64)  # 0 tokens included: its per-token NLL is defined as 0
+    losses, metrics = LOSSES["sft"]()(SequenceLogps(chosen=pc_, chosen_tokens=tokens))
     close(losses, -pc)
-    assert chosen_rewards is None and rejected_rewards is None
+    assert set(metrics) == {"nll/per_token"}
+    close(metrics["nll/per_token"], -pc / tokens.clamp(min=1))
     losses.sum().backward()
     close(pc_.grad, -torch.ones_like(pc))
 
@@ -300,9 +304,9 @@ def test_config_errors_are_user_errors():
 
 @pytest.mark.parametrize("config, message", [
     ({"name": "dpo", "beta": 0.1, "gamma": 1.0},
-     "loss.gamma is not a setting of loss 'dpo': its settings are beta, label_smoothing, reference_free"),
+     "loss.gamma is not a setting of loss 'dpo': its settings are beta, label_smoothing, reference_free, rpo_alpha"),
     ({"name": "ipo", "beta": 0.1, "label_smoothing": 0.1},
-     "loss.label_smoothing is not a setting of loss 'ipo': its settings are beta, reference_free"),
+     "loss.label_smoothing is not a setting of loss 'ipo': its settings are beta, average, reference_free, rpo_alpha"),
     ({"name": "sft", "beta": 0.1}, "loss.beta is not a setting of loss 'sft': its settings are none"),
 ])
 def test_unknown_key_names_key_and_valid_settings(config, message):
@@ -363,12 +367,12 @@ def test_registered_loss_is_buildable_by_name(restore_losses):
             super().__init__()
             self.margin, self.scale = margin, scale
 
-        def forward(self, policy, reference=None):
-            return self.scale * torch.relu(self.margin - (policy.chosen - policy.rejected)), None, None
+        def forward(self, policy, reference=None, batch=None):
+            return LossOutput(self.scale * torch.relu(self.margin - (policy.chosen - policy.rejected)), {})
 
     loss = build_loss({"name": "test_hinge", "margin": 1.0})
     assert isinstance(loss, HingeLoss) and loss.scale == 1.0
-    losses, _, _ = loss(pair(torch.tensor([0.0, 3.0]), torch.tensor([0.5, 0.0])))
+    losses, _ = loss(pair(torch.tensor([0.0, 3.0]), torch.tensor([0.5, 0.0])))
     close(losses, torch.tensor([1.5, 0.0]))
 
     with pytest.raises(ConfigError, match="valid losses are .*test_hinge"):
@@ -396,8 +400,8 @@ def test_registered_loss_without_settings_builds_from_its_name_alone(restore_los
     class Margin(PreferenceLoss):
         name = "test_margin"
 
-        def forward(self, policy, reference=None):
-            return policy.rejected - policy.chosen, None, None
+        def forward(self, policy, reference=None, batch=None):
+            return LossOutput(policy.rejected - policy.chosen, {})
 
     assert isinstance(build_loss({"name": "test_margin"}), Margin)
     with pytest.raises(ConfigError, match="loss.beta is not a setting of loss 'test_margin': its settings are none"):

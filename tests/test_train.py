@@ -62,7 +62,8 @@ def test_reference_models_keep_the_reference_defaults():
     assert config.model.name_or_path == "EleutherAI/pythia-2.8b"
     assert config.model.block_name == "GPTNeoXLayer"
     assert (config.model.policy_dtype, config.model.reference_dtype) == ("float32", "float16")
-    assert dict(config.loss) == {"name": "dpo", "beta": 0.1, "label_smoothing": 0, "reference_free": False}
+    assert dict(config.loss) == {"name": "dpo", "beta": 0.1, "label_smoothing": 0, "reference_free": False,
+                                 "rpo_alpha": 0}  # rpo_alpha: ours, off
 
 
 def test_default_is_the_tiny_model_on_the_toy_task_with_settings_per_loss():
@@ -388,7 +389,7 @@ def test_the_reference_ipo_command_runs_ipo():
     loss = build_loss(OmegaConf.to_container(config.loss))
     assert type(loss) is IPOLoss and loss.beta == 0.1 and loss.needs_reference
     with pytest.raises(UserError, match="loss.label_smoothing is not a setting of loss 'ipo': its settings are beta, "
-                                        "reference_free"):
+                                        "average, reference_free, rpo_alpha"):
         build_loss(OmegaConf.to_container(make_config("loss=dpo", "loss.name=ipo", "loss.beta=0.1",
                                                       "loss.label_smoothing=0.1").loss))
 
