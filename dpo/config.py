@@ -122,7 +122,8 @@ def _check_missing(config: DictConfig) -> None:
     if not missing:
         return
     key = missing[0]
-    examples = {"loss.beta": "loss.beta=0.1", "model.name_or_path": "model.name_or_path=EleutherAI/pythia-2.8b"}
+    examples = {"loss.beta": "loss.beta=0.1", "model.name_or_path": "model.name_or_path=EleutherAI/pythia-2.8b",
+                "loss.terms": "'loss.terms={dpo:{weight:1.0,beta:0.1},sft:{weight:0.05}}'"}
     example = examples.get(key, f"{key}=...")
     raise ConfigError(f"{key} is required{' for loss=' + str(config.loss.name) if key.startswith('loss.') else ''}: "
                       f"pass it on the command line, e.g. {example}")

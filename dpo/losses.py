@@ -211,7 +211,7 @@ def per_token(logps: Tensor, tokens: Optional[Tensor], loss: str) -> Tensor:
 def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
     """The reference implementation's reward metrics, per example."""
     return {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
             "rewards/margins": chosen_rewards - rejected_rewards}
 
 
@@ -223,8 +223,8 @@ class SFTLoss(PreferenceLoss):
 
         L = -log pi(y | x)   (summed over response tokens, averaged over the batch)
 
-    as in the reference implementation's SFT stage. Its metric `nll/per_token` is the mean NLL per
-    response token (the log of the perplexity).
+    as in the reference implementation's SFT stage. It has no metrics of its own: the trainer logs
+    `logps/chosen_per_token`, minus the log of the perplexity.
     """
 
     name = "sft"
@@ -232,11 +232,7 @@ class SFTLoss(PreferenceLoss):
 
     def forward(self, policy: SequenceLogps, reference: Optional[SequenceLogps] = None,
                 batch: Optional[Mapping[str, Tensor]] = None) -> LossOutput:
-        losses = -policy.chosen
-        metrics = {}
-        if policy.chosen_tokens is not None:
-            metrics["nll/per_token"] = per_token(losses.detach(), policy.chosen_tokens, self.name)
-        return LossOutput(losses, metrics)
+        return LossOutput(-policy.chosen, {})
 
 
 # ---------------------------------------------------------------- pairwise losses
@@ -780,7 +776,10 @@ class WeightedSumLoss(PreferenceLoss):
                 raise ConfigError(f"loss.terms.{name}.weight is required: pass e.g. loss.terms.{name}.weight=1.0")
             self.weights[name] = _number(f"terms.{name}.weight", settings.pop("weight"), lambda v: v >= 0,
                                          "a non-negative number (e.g. 1.0)")
-            parts[name] = build_loss({"name": name, **settings})
+            try:
+                parts[name] = build_loss({"name": name, **settings})
+            except ConfigError as error:  # name the term's keys as the user writes them
+                raise ConfigError(str(error).replace("loss.", f"loss.terms.{name}.")) from None
         self.parts = nn.ModuleDict(parts)
         # decided by the terms, so these instance values shadow the class's
         self.uses_pairs = any(part.uses_pairs for part in parts.values())
