@@ -399,7 +399,8 @@ class IPOLoss(LogRatioLoss):
     beta is the paper's regularisation tau. With `average=false` (the default) h uses summed
     log-probs, as the original DPO reference code does, so `loss=ipo` trains exactly as it did
     there; `average=true` uses per-token averages, h = a/|y_w| - b/|y_l|, the IPO authors' practice,
-    which keeps the target margin 1/(2 beta) independent of response length.
+    which keeps the target margin 1/(2 beta) independent of response length (the rewards are then
+    beta times the per-token log-ratios).
     """
 
     name = "ipo"

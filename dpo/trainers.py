@@ -218,7 +218,8 @@ class BasicTrainer:
         missing = [field for field in self.loss.batch_fields if field not in batch]
         if missing:
             raise DataError(f"loss '{self.loss.name}' needs the batch field '{missing[0]}', which the datasets "
-                            f"{list(self.config.datasets)} do not provide; choose a dataset that has it, or another loss")
+                            f"{list(self.config.datasets)} do not provide; choose a dataset that has it, or "
+                            "another loss")
         return {field: torch.as_tensor(batch[field], device=self.device) for field in self.loss.batch_fields}
 
     def gather_metrics(self, parts: list[dict[str, Tensor]]) -> dict[str, list[float]]:

@@ -6,11 +6,13 @@ statistics survive a checkpoint, and every preference loss gets the tiny model's
 import copy
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +25,7 @@ from dpo.logps import LogpsOptions, forward_logps  # noqa: E402
 from dpo.losses import LOSSES, LogRatioLoss, LossOutput, PreferenceLoss, build_loss, register_loss  # noqa: E402
 from dpo.models import build_char_tokenizer, load_model  # noqa: E402
 from dpo.trainers import BasicTrainer, split_metric_name  # noqa: E402
+import train as train_script  # noqa: E402
 from test_train import make_config, quick  # noqa: E402
 
 REQUIRED = {name: ["loss.beta=0.1"] for name in ("dpo", "cdpo", "ipo", "rpo")}
@@ -70,7 +73,6 @@ def trainer_for(loss, tiny, tmp_path, *overrides):
 def test_every_loss_trains_the_tiny_model_through_the_trainer(name, tiny, tmp_path):
     loss = build_loss(loss_config(name))
     trainer = trainer_for(loss, tiny, tmp_path)
-    assert (trainer.reference_model is None) is (not loss.needs_reference)
     before = {key: value.clone() for key, value in trainer.policy.state_dict().items()}
     batch = tiny[2][0]
     if not loss.uses_pairs:  # SFT batches hold the chosen response only
@@ -87,13 +89,19 @@ def test_every_loss_trains_the_tiny_model_through_the_trainer(name, tiny, tmp_pa
         assert not any(key.startswith("rewards_") for key in metrics)
 
 
+def test_a_reference_free_loss_runs_without_a_reference_model(tmp_path):
+    final = train_script.train(quick(tmp_path, "loss=orpo", "n_examples=64"))
+    assert "judge_eval/reference" not in final and "judge_eval/policy" in final  # no reference model to sample
+    assert {"rewards_eval/accuracies", "orpo_eval/log_odds_ratio"} <= set(final)
+
+
 def test_a_loss_s_own_metrics_are_logged_under_their_names(tiny, tmp_path):
     metrics = trainer_for(build_loss({"name": "orpo"}), tiny, tmp_path).train_step(tiny[2][0])
     for key in ("orpo_train/nll", "orpo_train/odds_ratio_loss", "orpo_train/log_odds_ratio"):
         assert math.isfinite(metrics[key])
     # ORPO's loss is its NLL plus lambda times its odds-ratio term, example by example and so on average
-    assert metrics["loss/train"] == pytest.approx(metrics["orpo_train/nll"] + 0.1 * metrics["orpo_train/odds_ratio_loss"],
-                                                  rel=1e-5)
+    expected = metrics["orpo_train/nll"] + 0.1 * metrics["orpo_train/odds_ratio_loss"]
+    assert metrics["loss/train"] == pytest.approx(expected, rel=1e-5)
     assert metrics["orpo_train/nll"] == pytest.approx(-metrics["logps_train/chosen_per_token"], rel=1e-5)
 
 
@@ -233,3 +241,14 @@ def test_weighted_sum_is_configured_from_the_command_line():
         validate_config(make_config("loss=weighted_sum"))
     with pytest.raises(ConfigError, match="loss.terms.dpo.beta must be a positive number"):
         build_loss({"name": "weighted_sum", "terms": {"dpo": {"weight": 1.0, "beta": -1}}})
+
+
+def test_the_readme_s_new_loss_is_one_class_and_one_yaml(tiny, tmp_path, restore_losses):
+    section = (REPO / "README.md").read_text().split("## Adding a loss")[1].split("## Adding a dataset")[0]
+    code, settings = (block.split("\n", 1)[1] for block in re.findall(r"```(?:python|yaml)\n.*?```", section, re.S))
+    namespace = {"torch": torch, "register_loss": register_loss, "LogRatioLoss": LogRatioLoss}
+    exec(code.rstrip("`"), namespace)
+    loss = build_loss(yaml.safe_load(settings.rstrip("`")))
+    assert loss.name == "squared_hinge" and loss.needs_reference
+    metrics = trainer_for(loss, tiny, tmp_path).train_step(tiny[2][0])
+    assert metrics["loss/train"] == pytest.approx(1.0) and metrics["rewards_train/margins"] == 0  # policy = reference

@@ -599,7 +599,8 @@ BAD_CONFIGS = [
     ({"name": "weighted_sum", "terms": {"dpo": {"beta": 0.1}}}, "loss.terms.dpo.weight"),
     ({"name": "weighted_sum", "terms": {"sft": {"weight": -1.0}}}, "loss.terms.sft.weight"),
     ({"name": "weighted_sum", "terms": {"sft": {"weight": True}}}, "loss.terms.sft.weight"),
-    ({"name": "weighted_sum", "terms": {"sft": {"weight": 1.0}, "dpo": {"weight": 1.0, "beta": -1.0}}}, "loss.terms.dpo.beta"),
+    ({"name": "weighted_sum", "terms": {"sft": {"weight": 1.0}, "dpo": {"weight": 1.0, "beta": -1.0}}},
+     "loss.terms.dpo.beta"),
     ({"name": "weighted_sum", "terms": {"dpoo": {"weight": 1.0}}}, "loss.terms.dpoo.name"),
 ]
 
