@@ -70,7 +70,7 @@ def logps_and_gradient(model, batch, options):
     with torch.no_grad():
         reference = forward_logps(model, batch, PLAIN)
         reference.chosen += torch.linspace(-1, 1, len(reference.chosen))  # a margin that varies per pair
-    losses, _, _ = DPOLoss(beta=0.5)(policy, reference)
+    losses, _ = DPOLoss(beta=0.5)(policy, reference)
     losses.mean().backward()
     gradient = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
     model.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 from dpo.batching import get_batch_iterator  # noqa: E402
 from dpo.config import register_resolvers, validate_config  # noqa: E402
 from dpo.errors import ConfigError, DataError  # noqa: E402
-from dpo.logps import LogpsOptions, forward_logps  # noqa: E402
+from dpo.logps import LogpsOptions, SequenceLogps, forward_logps  # noqa: E402
 from dpo.losses import LOSSES, LogRatioLoss, LossOutput, PreferenceLoss, build_loss, register_loss  # noqa: E402
 from dpo.models import build_char_tokenizer, load_model  # noqa: E402
 from dpo.trainers import BasicTrainer, split_metric_name  # noqa: E402
@@ -252,3 +252,14 @@ def test_the_readme_s_new_loss_is_one_class_and_one_yaml(tiny, tmp_path, restore
     assert loss.name == "squared_hinge" and loss.needs_reference
     metrics = trainer_for(loss, tiny, tmp_path).train_step(tiny[2][0])
     assert metrics["loss/train"] == pytest.approx(1.0) and metrics["rewards_train/margins"] == 0  # policy = reference
+
+
+@pytest.mark.parametrize("tau, sign", [(0.05, 1), (0.1, 1), (0.103, -1), (0.2, -1), (1.0, -1)])
+def test_discopop_s_documented_pitfall_at_zero_margin(tau, sign):
+    """dL/dx at x = 0 is (1 - log 2)/(4 tau) - 3/4: for tau below 0.102 descent lowers the margin first."""
+    loss = build_loss({"name": "discopop", "beta": 0.05, "tau": tau})
+    chosen = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    zeros = torch.zeros(1, dtype=torch.float64)
+    loss(SequenceLogps(chosen, zeros), SequenceLogps(zeros, zeros)).losses.sum().backward()
+    expected = 0.05 * ((1 - math.log(2)) / (4 * tau) - 0.75)
+    assert chosen.grad.item() == pytest.approx(expected, rel=1e-12) and math.copysign(1, expected) == sign
