@@ -248,14 +248,12 @@ def test_sft_builds_from_its_name_alone():
     assert isinstance(loss, LOSSES["sft"])
 
 
-def test_sft_loss_is_negative_chosen_logps_and_reports_the_per_token_nll():
+def test_sft_loss_is_negative_chosen_logps_without_rewards():
     pc, _, _, _ = random_logps(seed=11)
     pc_ = leaf(pc)
-    tokens = torch.arange(len(pc), dtype=torch.float64)  # 0 tokens included: its per-token NLL is defined as 0
-    losses, metrics = LOSSES["sft"]()(SequenceLogps(chosen=pc_, chosen_tokens=tokens))
+    losses, metrics = LOSSES["sft"]()(SequenceLogps(chosen=pc_))
     close(losses, -pc)
-    assert set(metrics) == {"nll/per_token"}
-    close(metrics["nll/per_token"], -pc / tokens.clamp(min=1))
+    assert metrics == {}  # no implicit reward; the trainer logs its log-probs
     losses.sum().backward()
     close(pc_.grad, -torch.ones_like(pc))
 
