@@ -26,6 +26,7 @@ from dpo.losses import LOSSES, LogRatioLoss, LossOutput, PreferenceLoss, build_l
 from dpo.models import build_char_tokenizer, load_model  # noqa: E402
 from dpo.trainers import BasicTrainer, split_metric_name  # noqa: E402
 import train as train_script  # noqa: E402
+from test_losses import restore_losses  # noqa: E402,F401  (the registry fixture)
 from test_train import make_config, quick  # noqa: E402
 
 REQUIRED = {name: ["loss.beta=0.1"] for name in ("dpo", "cdpo", "ipo", "rpo")}
@@ -50,14 +51,6 @@ def tiny():
     batches = list(get_batch_iterator(["toy"], tokenizer, batch_size=8, n_examples=16, max_length=64,
                                       max_prompt_length=48))
     return tokenizer, model, batches
-
-
-@pytest.fixture
-def restore_losses():
-    saved = dict(LOSSES)
-    yield
-    LOSSES.clear()
-    LOSSES.update(saved)
 
 
 def trainer_for(loss, tiny, tmp_path, *overrides):
