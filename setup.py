@@ -35,5 +35,8 @@ setup(
         # TRL only for benchmarks/dpo_step.py's side-by-side rows; pinned because the benchmark feeds it
         # pre-tokenized pairs through two of its internal methods.
         "bench": ["trl==1.16.0"],
+        # peft for lora.rank=<r>: Hugging Face's own adapter library, whose saved adapters every tool that
+        # serves or merges LoRA reads; hand-written adapters would need their own loaders everywhere.
+        "lora": ["peft>=0.13"],
     },
 )

@@ -17,19 +17,23 @@ from typing import Iterator, Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dpo.data import SplitData, dataset_source, describe_skips, load_source
+from dpo.data import RENDERED, DatasetEntry, SplitData, dataset_source, describe_skips, load_source
 from dpo.errors import DataError
 from dpo.logps import IGNORE_INDEX
 
 
 def tokenize_batch_element(prompt: str, chosen: str, rejected: str, truncation_mode: str,
-                           tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int) -> dict:
-    """Tokenize one (prompt, chosen, rejected) triple into a batch element (lists, not tensors)."""
+                           tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int,
+                           eos_allowed: bool = False) -> dict:
+    """Tokenize one (prompt, chosen, rejected) triple into a batch element (lists, not tensors).
+
+    Text holding the EOS token is refused unless `eos_allowed` (text a chat template wrote).
+    """
     prompt_tokens = tokenizer(prompt, add_special_tokens=False)
     chosen_tokens = tokenizer(chosen, add_special_tokens=False)
     rejected_tokens = tokenizer(rejected, add_special_tokens=False)
     for label, tokens in (("prompt", prompt_tokens), ("chosen", chosen_tokens), ("rejected", rejected_tokens)):
-        if tokenizer.eos_token_id in tokens["input_ids"]:
+        if tokenizer.eos_token_id in tokens["input_ids"] and not eos_allowed:
             raise DataError(f"the {label} text of prompt {_excerpt(prompt)} tokenizes to the EOS token; "
                             "remove it from the data (EOS is appended to responses automatically)")
     prompt_tokens = {k: list(prompt_tokens[k]) for k in ("input_ids", "attention_mask")}
@@ -111,6 +115,7 @@ class Example:
     sft_target: str
     truncation_mode: str
     dataset: str
+    eos_allowed: bool = False  # a chat template wrote the texts, and may have ended turns with EOS
 
 
 @dataclass(frozen=True)
@@ -131,23 +136,27 @@ class BatchPlan:
     dp_size: int = 1
 
 
-def flatten_examples(names: list[str], split: str, tokenizer: PreTrainedTokenizerBase, sft_mode: bool = False,
-                     silent: bool = False, cache_dir: Optional[str] = None) -> list[Example]:
+def flatten_examples(names: list[DatasetEntry], split: str, tokenizer: PreTrainedTokenizerBase,
+                     sft_mode: bool = False, silent: bool = False, cache_dir: Optional[str] = None) -> list[Example]:
     """All examples of `names`' `split`, checked up front against `tokenizer`.
 
-    Checking here, before the first step, stops a bad run at once rather than hours in: the EOS
-    text in the data, pairs the tokenizer cannot tell apart, and a preference loss with no pairs.
+    `names` are `datasets=[...]` entries: names, paths, mappings or source objects (`dataset_source`);
+    each example carries its source's short `name` as its dataset label. The tokenizer's chat template
+    renders chat rows. Checking here, before the first step, stops a bad run at once rather than hours
+    in: the EOS text in the data, pairs the tokenizer cannot tell apart, and a preference loss with no pairs.
     """
     examples = []
-    for name in names:
-        loaded = load_source(dataset_source(name), split, silent=silent, cache_dir=cache_dir, tokenizer=tokenizer)
+    for entry in names:
+        source = dataset_source(entry, tokenizer)
+        loaded = load_source(source, split, silent=silent, cache_dir=cache_dir, tokenizer=tokenizer)
         if not sft_mode:
-            _check_has_pairs(name, split, loaded)
+            _check_has_pairs(source.name, split, loaded)
         for prompt, example in loaded.data.items():
-            if tokenizer.eos_token:
-                _check_no_eos_text(name, split, prompt, example, tokenizer.eos_token)
+            rendered = example.get(RENDERED, False)
+            if tokenizer.eos_token and not rendered:
+                _check_no_eos_text(source.name, split, prompt, example, tokenizer.eos_token)
             examples.append(Example(prompt, example["responses"], example["pairs"], example["sft_target"],
-                                    loaded.truncation_mode, name))
+                                    loaded.truncation_mode, source.name, eos_allowed=rendered))
     return examples
 
 
@@ -168,7 +177,7 @@ def _check_no_eos_text(name: str, split: str, prompt: str, example: dict, eos_te
                             f"tokenizer's EOS text {eos_text!r}; remove it from the data (EOS is appended automatically)")
 
 
-def get_batch_iterator(names: list[str], tokenizer: PreTrainedTokenizerBase, split: str = "train",
+def get_batch_iterator(names: list[DatasetEntry], tokenizer: PreTrainedTokenizerBase, split: str = "train",
                        batch_size: int = 1, shuffle: bool = True, max_length: int = 512,
                        max_prompt_length: int = 128, sft_mode: bool = False, n_epochs: Optional[int] = None,
                        n_examples: Optional[int] = None, seed: int = 0, silent: bool = False,
@@ -192,7 +201,8 @@ def get_batch_iterator(names: list[str], tokenizer: PreTrainedTokenizerBase, spl
     examples = flatten_examples(names, split, tokenizer, sft_mode=sft_mode, silent=silent, cache_dir=cache_dir)
     plan = BatchPlan(batch_size, shuffle, max_length, max_prompt_length, sft_mode, n_epochs, n_examples, seed,
                      drop_last, start_batch, dp_rank, dp_size)
-    return BatchIterator(_batches(examples, tokenizer, plan, f"datasets {list(names)} ({split})"),
+    labels = list(dict.fromkeys(example.dataset for example in examples))
+    return BatchIterator(_batches(examples, tokenizer, plan, f"datasets {labels} ({split})"),
                          planned_examples(examples, plan))
 
 
@@ -285,7 +295,7 @@ def _local_elements(items: list[_Item], tokenizer, plan: BatchPlan) -> list[dict
     elements = []
     for (example, chosen, rejected), is_padding in zip(items, padding):
         element = tokenize_batch_element(example.prompt, chosen, rejected, example.truncation_mode, tokenizer,
-                                         plan.max_length, plan.max_prompt_length)
+                                         plan.max_length, plan.max_prompt_length, eos_allowed=example.eos_allowed)
         if plan.sft_mode:
             element = {k: v for k, v in element.items() if "rejected" not in k}
         element["dataset"] = example.dataset

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo.data import dataset_source
 from dpo.errors import ConfigError
+from dpo.lora import check_lora_settings, lora_enabled
 from dpo.losses import loss_uses_pairs
 from dpo.models import torch_dtype
 
@@ -62,7 +63,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sft_or_preference", sft_or_preference)
 
 
-def validate_config(config: DictConfig) -> None:
+def validate_config(config: DictConfig, check_datasets: bool = True) -> None:
     """Check every value `train.py` relies on, before anything is loaded; warn about suspicious ones.
 
     It also rounds `eval_every` and `save_every` down to a multiple of `batch_size` (with a
@@ -103,9 +104,24 @@ def validate_config(config: DictConfig) -> None:
     if not config.model.name_or_path and not config.model.get("from_config"):
         raise ConfigError("model.name_or_path is required: a hub name or local directory "
                           "(or choose a model config, e.g. model=pythia28 or model=tiny)")
-    _check_datasets(config.datasets)
+    if check_datasets:  # not when the Python API hands over in-memory data
+        _check_datasets(config.datasets)
+    _check_lora(config)
     for key in ("eval_every", "save_every"):
         _round_to_batches(config, key)
+
+
+def _check_lora(config: DictConfig) -> None:
+    lora = config.get("lora")
+    if not lora_enabled(lora):
+        return
+    check_lora_settings(lora)
+    if config.trainer != "BasicTrainer":
+        raise ConfigError(f"lora.rank works with trainer=BasicTrainer only (not {config.trainer}); use "
+                          "trainer=BasicTrainer, or train every weight with lora.rank=null")
+    if config.cache_reference_logps:
+        raise ConfigError("cache_reference_logps=true has nothing to free with lora.rank set (the reference is the "
+                          "policy with its adapters disabled, not a second model); set cache_reference_logps=false")
 
 
 def _round_to_batches(config: DictConfig, key: str) -> None:
@@ -179,8 +195,12 @@ def _check_trainer(name: str) -> None:
 def _check_datasets(names) -> None:
     if isinstance(names, str) or not names:
         raise ConfigError(f"datasets must be a non-empty list, e.g. datasets=[hh] or datasets=[hh,shp]; got {names!r}")
-    for name in names:
-        dataset_source(str(name))
+    from collections.abc import Mapping  # here: only this check of the file needs it
+
+    for entry in names:
+        # A name, path or mapping entry ({path: ..., split: ...}, or a named one in config/dataset/): its keys
+        # and values are checked here, while nothing is loaded yet.
+        dataset_source(entry if isinstance(entry, (str, Mapping)) else str(entry))
     for name, count in Counter(str(name) for name in names).items():
         if count > 1:
             print(f"warning: datasets lists {name} {count} times, so each of its examples is used {count} times "

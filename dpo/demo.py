@@ -63,7 +63,8 @@ def judged_task(datasets: tuple[str, ...]) -> DemoTask:
     from dpo.generate import read_prompts
 
     judged = []
-    for name in dict.fromkeys(datasets):  # a dataset listed twice is still one judge
+    names = [name for name in datasets if isinstance(name, str)]  # mapped datasets have no judge
+    for name in dict.fromkeys(names):  # a dataset listed twice is still one judge
         try:
             if dataset_source(name).judge is not None:
                 judged.append(name)

@@ -17,6 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dpo.checkpoints import load_policy_state
 from dpo.errors import ConfigError
+from dpo.lora import (apply_lora, is_lora_model, load_adapter_state, lora_enabled,
+                      refuse_adapter_archive)
 
 CHAR_TOKENIZER = "char"
 _CHAR_SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>", "<|unk|>")
@@ -26,10 +28,14 @@ def build_char_tokenizer() -> PreTrainedTokenizerBase:
     """A character-level tokenizer over printable ASCII, newline and tab, built offline.
 
     One token per character keeps the `tiny` model's vocabulary at 100 and needs no training
-    data; other characters map to <|unk|>. It saves and reloads with `AutoTokenizer`.
+    data; other characters map to <|unk|>. Its chat template writes conversations as the HH and
+    toy data are written ("\n\nHuman: hi\n\nAssistant: hello"), so chat datasets train with it too.
+    It saves and reloads with `AutoTokenizer`.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    from dpo.data.chat import CHAR_CHAT_TEMPLATE  # here: dpo.data's sources may import this module
 
     characters = [chr(code) for code in range(32, 127)] + ["\n", "\t"]
     vocab = {token: index for index, token in enumerate([*_CHAR_SPECIAL_TOKENS, *characters])}
@@ -39,6 +45,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerBase:
     pad, eos, unk = _CHAR_SPECIAL_TOKENS
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, eos_token=eos, unk_token=unk)
     tokenizer.name_or_path = CHAR_TOKENIZER  # so messages can name it
+    tokenizer.chat_template = CHAR_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -89,22 +96,29 @@ def torch_dtype(name: str, key: str) -> torch.dtype:
 
 def load_model(model_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype,
                cache_dir: Optional[str] = None) -> nn.Module:
-    """A causal LM with every dropout turned off, from `model.from_config` or `model.name_or_path`."""
+    """A causal LM, or an encoder-decoder LM such as T5 (`config.is_encoder_decoder`), with every dropout turned
+    off, from `model.from_config` or `model.name_or_path`."""
+    from transformers import AutoModelForSeq2SeqLM
+
     from_config = model_config.get("from_config")
     if from_config:
         config = AutoConfig.for_model(**dict(from_config))
         config.vocab_size = len(tokenizer)
         config.pad_token_id, config.eos_token_id, config.bos_token_id = (
             tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.eos_token_id)
+        if config.is_encoder_decoder:  # the decoder reads this before the first response token; T5 uses its pad
+            config.decoder_start_token_id = tokenizer.pad_token_id
         disable_config_dropout(config)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto_class.from_config(config, dtype=dtype)
     else:
         name = model_config["name_or_path"]
         with explained_load_errors("model.name_or_path", name):
             config = AutoConfig.from_pretrained(name, cache_dir=cache_dir)
             disable_config_dropout(config)
-            model = AutoModelForCausalLM.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=dtype,
-                                                         low_cpu_mem_usage=True)
+            auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            model = auto_class.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=dtype,
+                                               low_cpu_mem_usage=True)
     disable_dropout(model)
     return model
 
@@ -125,34 +139,61 @@ def disable_dropout(model: nn.Module) -> None:
 
 def load_models(config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, needs_reference: bool,
                 cache_dir: Optional[str], archive: Optional[Mapping[str, Any]] = None,
-                resume_state: Optional[Mapping[str, Any]] = None, verbose: bool = True):
+                resume_state: Optional[Mapping[str, Any]] = None, verbose: bool = True,
+                policy: Optional[nn.Module] = None, reference_model: Optional[nn.Module] = None):
     """The policy and, if the loss needs one, the frozen reference model, both on the CPU.
 
     Both start from `archive` (the `policy.pt` that `model.archive` names) if given. A resumed run
     then loads its checkpoint's policy weights (`resume_state`) into the policy only: the
-    reference model stays what the run started with.
+    reference model stays what the run started with. A `policy` (and `reference_model`) passed
+    in by the Python API are used as they are. With `lora.rank` set, or a peft model passed in,
+    there is no reference model: the reference is the policy with its adapters disabled.
     """
     torch.manual_seed(config["seed"])  # a model built from a config gets the same initial weights every run
-    model_config = config["model"]
-    policy = load_model(model_config, tokenizer, torch_dtype(model_config["policy_dtype"], "model.policy_dtype"),
-                        cache_dir=cache_dir)
-    if archive is not None:
-        load_policy_state(policy, archive["state"], model_config["archive"])
-        if verbose:
-            print(f"loaded model.archive={model_config['archive']} (step {archive.get('step_idx')})")
-    reference_model = None
-    if needs_reference:
-        reference_dtype = torch_dtype(model_config["reference_dtype"], "model.reference_dtype")
-        if model_config.get("from_config"):
-            reference_model = copy.deepcopy(policy).to(reference_dtype)
-        else:
-            reference_model = load_model(model_config, tokenizer, reference_dtype, cache_dir=cache_dir)
-            if archive is not None:
-                load_policy_state(reference_model, archive["state"], model_config["archive"])
+    model_config, lora = config["model"], config.get("lora")
+    if policy is None:
+        policy = load_model(model_config, tokenizer, torch_dtype(model_config["policy_dtype"], "model.policy_dtype"),
+                            cache_dir=cache_dir)
+        if archive is not None:
+            refuse_adapter_archive(archive["state"], model_config["archive"])
+            load_policy_state(policy, archive["state"], model_config["archive"])
+            if verbose:
+                print(f"loaded model.archive={model_config['archive']} (step {archive.get('step_idx')})")
+    else:
+        disable_dropout(policy)
+    if lora_enabled(lora) and not is_lora_model(policy):
+        policy = apply_lora(policy, lora)
+    if needs_reference and reference_model is None and not is_lora_model(policy):
+        reference_model = _reference_copy(config, policy, tokenizer, archive, cache_dir)
+    if reference_model is not None:
+        disable_dropout(reference_model)
         reference_model.requires_grad_(False)
+    if not needs_reference:
+        reference_model = None
     if resume_state is not None:
-        load_policy_state(policy, resume_state, "the checkpoint to resume from", label="the resumed policy.pt")
+        label = "the resumed policy.pt"
+        if is_lora_model(policy):
+            load_adapter_state(policy, resume_state, label)
+        else:
+            load_policy_state(policy, resume_state, "the checkpoint to resume from", label=label)
     return policy, reference_model
+
+
+def _reference_copy(config: Mapping[str, Any], policy: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    archive: Optional[Mapping[str, Any]], cache_dir: Optional[str]) -> nn.Module:
+    """The reference model: the policy as it starts, in `model.reference_dtype`.
+
+    A model loaded by name is loaded again (straight into its dtype, never through a float32
+    copy); one built from a config is copied.
+    """
+    model_config = config["model"]
+    dtype = torch_dtype(model_config["reference_dtype"], "model.reference_dtype")
+    if model_config.get("from_config"):
+        return copy.deepcopy(policy).to(dtype)
+    reference_model = load_model(model_config, tokenizer, dtype, cache_dir=cache_dir)
+    if archive is not None:
+        load_policy_state(reference_model, archive["state"], model_config["archive"])
+    return reference_model
 
 
 def transformer_blocks(model: nn.Module, block_name: Optional[str]) -> list[nn.Module]:

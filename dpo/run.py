@@ -12,11 +12,13 @@ import os
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from itertools import chain
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from dpo.batching import get_batch_iterator
 from dpo.checkpoints import read_archive
@@ -48,20 +50,57 @@ def run_from_command_line(config: DictConfig) -> None:
         sys.exit(1)
 
 
-def run(config: DictConfig) -> dict:
+@dataclass
+class Given:
+    """What a Python caller (`dpo.api.DPOTrainer`) hands over instead of having the config load it.
+
+    `datasets` are dataset entries (e.g. an in-memory `PreferenceSource`) used instead of
+    `config.datasets`, which then only names them in the saved config.
+    """
+
+    policy: Optional[nn.Module] = None
+    reference_model: Optional[nn.Module] = None
+    tokenizer: Any = None
+    datasets: Optional[list] = None
+
+
+def run(config: DictConfig, given: Optional[Given] = None) -> dict:
     """Run the whole training described by `config` in this process; return the final eval metrics."""
     processes = init_processes(config.trainer, config.get("tensor_parallel_size"))
     try:
-        return _run(config, processes)
+        return _run(config, processes, given or Given())
     finally:
         shutdown()
 
 
-def _run(config: DictConfig, processes: Processes) -> dict:
-    main = processes.is_main
+def evaluate(config: DictConfig, given: Optional[Given] = None) -> dict:
+    """The eval metrics of the model `config` describes (or `given.policy`) on its test split; writes nothing."""
+    processes = init_processes(config.trainer, config.get("tensor_parallel_size"))
+    try:
+        _prepare_config(config, given or Given())
+        loss = build_loss(OmegaConf.to_container(config.loss, resolve=True))
+        cache_dir = get_local_dir(config.local_dirs)
+        tokenizer, _, eval_batches = _load_data(config, processes, loss, cache_dir, 0, given, with_train=False)
+        policy, reference_model = load_models(config, tokenizer, loss.needs_reference, cache_dir, verbose=False,
+                                              policy=given.policy, reference_model=given.reference_model)
+        sink = MetricsSink(config.local_run_dir, enabled=False)
+        trainer = trainer_class(config.trainer)(config, policy, tokenizer, loss, [], eval_batches,
+                                                config.local_run_dir, reference_model=reference_model,
+                                                judges=_judges(config, given), sink=sink, processes=processes)
+        return trainer.evaluate()
+    finally:
+        shutdown()
+
+
+def _prepare_config(config: DictConfig, given: Given) -> None:
     OmegaConf.resolve(config)  # once: the run directory's name holds a timestamp
     config.local_run_dir = broadcast_object(config.local_run_dir)  # under torchrun each process made its own
-    validate_config(config)
+    validate_config(config, check_datasets=given.datasets is None)
+
+
+def _run(config: DictConfig, processes: Processes, given: Given) -> dict:
+    main = processes.is_main
+    _prepare_config(config, given)
     check_batch_layout(config.batch_size, config.gradient_accumulation_steps, processes)
     loss = build_loss(OmegaConf.to_container(config.loss, resolve=True))
     run_dir = config.local_run_dir
@@ -74,19 +113,21 @@ def _run(config: DictConfig, processes: Processes) -> dict:
             _check_same_processes(checkpoint, config.trainer, processes.world_size)
         else:
             check_run_dir_is_free(run_dir, config.overwrite_run_dir)  # fail fast; checked again under lock
-        return _train(config, processes, loss, checkpoint, step, run_dir_lock)
+        return _train(config, processes, loss, checkpoint, step, run_dir_lock, given)
 
 
 def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[str], step: int,
-           run_dir_lock: ExitStack) -> dict:
+           run_dir_lock: ExitStack, given: Given) -> dict:
     main, run_dir = processes.is_main, config.local_run_dir
     cache_dir = get_local_dir(config.local_dirs)
-    tokenizer, train_batches, eval_batches = _load_data(config, processes, loss, cache_dir, step)
+    tokenizer, train_batches, eval_batches = _load_data(config, processes, loss, cache_dir, step, given)
     if checkpoint and step >= train_batches.n_examples:
         raise ConfigError(f"resume={run_dir}: the run already trained on all {train_batches.n_examples} examples "
                           f"({checkpoint}); to train it longer, pass a larger n_epochs or n_examples")
-    sources = {name: dataset_source(name) for name in config.datasets}
-    judges = {name: source.judge for name, source in sources.items() if source.judge is not None}
+    if train_batches.n_examples == 0:
+        raise ConfigError(f"the training data holds fewer examples than batch_size={config.batch_size}, so not "
+                          "one full batch (training drops a partial last batch); lower batch_size or add examples")
+    judges = _judges(config, given)
     archive = read_archive(config.model.archive) if config.model.archive else None
     resume_state = None
     if checkpoint:
@@ -102,7 +143,8 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
         write_run_config(config, run_dir)
     barrier()  # the run directory exists before any process writes into it
     policy, reference_model = load_models(config, tokenizer, loss.needs_reference, cache_dir, archive,
-                                          resume_state=resume_state, verbose=main)
+                                          resume_state=resume_state, verbose=main, policy=given.policy,
+                                          reference_model=given.reference_model)
     sink = MetricsSink(run_dir, enabled=main, run_name=config.exp_name,
                        wandb_config=None if config.debug else config.wandb,
                        config_dict=OmegaConf.to_container(config), wandb_id=_wandb_id(checkpoint))
@@ -113,7 +155,7 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
         if checkpoint:
             trainer.load_checkpoint(checkpoint)
         if config.cache_reference_logps and reference_model is not None:
-            _precompute_reference_logps(config, processes, trainer, loss, cache_dir, step, eval_batches)
+            _precompute_reference_logps(config, processes, trainer, loss, cache_dir, step, eval_batches, given)
         final_metrics = trainer.train()
         trainer.save(metrics=final_metrics)
     finally:
@@ -127,17 +169,30 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
     return final_metrics
 
 
-def _load_data(config: DictConfig, processes: Processes, loss, cache_dir: str, step: int, with_eval: bool = True):
+def _dataset_entries(config: DictConfig, given: Given) -> list:
+    return list(given.datasets) if given.datasets is not None else list(config.datasets)
+
+
+def _judges(config: DictConfig, given: Given) -> dict:
+    """The datasets' judges (for eval samples), by the dataset name batches carry."""
+    sources = [dataset_source(entry) for entry in _dataset_entries(config, given)]
+    return {source.name: source.judge for source in sources if source.judge is not None}
+
+
+def _load_data(config: DictConfig, processes: Processes, loss, cache_dir: str, step: int, given: Given,
+               with_eval: bool = True, with_train: bool = True):
     """(tokenizer, this process's train batches from example `step` on, its eval batches)."""
     with main_process_first():  # the main process fills the download cache, the others read it
-        tokenizer = load_tokenizer(config.model, cache_dir=cache_dir)
-        options = dict(names=list(config.datasets), tokenizer=tokenizer, max_length=config.max_length,
+        tokenizer = given.tokenizer or load_tokenizer(config.model, cache_dir=cache_dir)
+        options = dict(names=_dataset_entries(config, given), tokenizer=tokenizer, max_length=config.max_length,
                        max_prompt_length=config.max_prompt_length, sft_mode=not loss.uses_pairs, seed=config.seed,
                        cache_dir=cache_dir, silent=not processes.is_main, dp_rank=processes.dp_rank,
                        dp_size=processes.dp_size)
-        train_batches = get_batch_iterator(**options, split="train", batch_size=config.batch_size,
-                                           n_epochs=config.n_epochs, n_examples=config.n_examples,
-                                           start_batch=step // config.batch_size)
+        train_batches = None
+        if with_train:
+            train_batches = get_batch_iterator(**options, split="train", batch_size=config.batch_size,
+                                               n_epochs=config.n_epochs, n_examples=config.n_examples,
+                                               start_batch=step // config.batch_size)
         eval_batches = []
         if config.n_eval_examples > 0 and with_eval:
             eval_batches = list(get_batch_iterator(**options, split="test", batch_size=config.eval_batch_size,
@@ -146,10 +201,10 @@ def _load_data(config: DictConfig, processes: Processes, loss, cache_dir: str, s
 
 
 def _precompute_reference_logps(config: DictConfig, processes: Processes, trainer, loss, cache_dir: str, step: int,
-                                eval_batches: list[dict]) -> None:
+                                eval_batches: list[dict], given: Given) -> None:
     """One pass over the batches the run will see (each pair computed once), cached under `cache_dir`."""
     path = os.path.join(cache_dir, CACHE_FOLDER, f"{reference_fingerprint(config)}.pt")
-    _, train_batches, _ = _load_data(config, processes, loss, cache_dir, step, with_eval=False)
+    _, train_batches, _ = _load_data(config, processes, loss, cache_dir, step, given, with_eval=False)
     start = time.time()
     computed = trainer.precompute_reference_logps(chain(train_batches, eval_batches), path)
     if processes.is_main:

@@ -35,6 +35,8 @@ from dpo.distributed import (Processes, all_ranks_agree, barrier, broadcast_obje
                              single_process)
 from dpo.errors import CheckpointError, ConfigError, DataError, RunDirError, TrainingError
 from dpo.layout import batch_size_of, micro_batches, slice_batch
+from dpo.lora import (ADAPTER_FOLDER, adapter_state_dict, adapters_disabled, is_lora_model, merged_state_dict,
+                      save_adapter)
 from dpo.logps import LogpsOptions, SequenceLogps, forward_logps
 from dpo.losses import PreferenceLoss
 from dpo.metrics import MetricsSink, mean_metrics
@@ -255,9 +257,19 @@ class BasicTrainer:
                 raise TrainingError("a batch's reference log-probs are not in the cache and the reference model was "
                                     "released after precompute_reference_logps; pass every batch the run will see "
                                     "to it, or set cache_reference_logps=false")
-        with torch.no_grad():
-            return forward_logps(self.reference_model, batch, self.logps_options,
-                                 token_logps=self.loss.needs_token_logps)
+        with torch.no_grad(), self.reference_in_use() as reference_model:
+            return forward_logps(reference_model, batch, self.logps_options, token_logps=self.loss.needs_token_logps)
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether there is a reference model to run: a model of its own, or the policy without its adapters."""
+        return self.reference_model is not None or (is_lora_model(self.policy) and self.loss.needs_reference)
+
+    def reference_in_use(self) -> contextlib.AbstractContextManager:
+        """A context giving the reference model: a model of its own, or (LoRA) the policy with adapters disabled."""
+        if self.reference_model is None and is_lora_model(self.policy):
+            return adapters_disabled(self.policy)
+        return contextlib.nullcontext(self.reference_model)
 
     def precompute_reference_logps(self, batches: Iterable[dict], path: Optional[str] = None) -> int:
         """Compute the reference log-probs of every pair in `batches` once, then free the reference model.
@@ -327,8 +339,9 @@ class BasicTrainer:
             if not self.processes.distributed:  # alone, sample only what is needed
                 batch = slice_batch(batch, 0, len(local_rows))
             samples = {"policy": self.generate(self.policy, batch)}
-            if self.reference_model is not None and batch_index not in self.reference_samples:
-                self.reference_samples[batch_index] = self.generate(self.reference_model, batch)
+            if self.has_reference and batch_index not in self.reference_samples:
+                with self.reference_in_use() as reference_model:
+                    self.reference_samples[batch_index] = self.generate(reference_model, batch)
             if batch_index in self.reference_samples:
                 samples["reference"] = self.reference_samples[batch_index]
             local = [self._judged_row(batch, index, samples) for index in local_rows]
@@ -385,7 +398,10 @@ class BasicTrainer:
                                     do_sample=True, pad_token_id=self.tokenizer.pad_token_id,
                                     synced_gpus=self.processes.distributed)
         model.train(was_training)
-        return self.tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
+        # A causal LM returns prompt + continuation; an encoder-decoder model only the decoder's tokens, after its
+        # start token.
+        response_start = 1 if model.config.is_encoder_decoder else input_ids.shape[1]
+        return self.tokenizer.batch_decode(output[:, response_start:], skip_special_tokens=True)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -414,11 +430,16 @@ class BasicTrainer:
             barrier()
             if self.is_main_process:
                 self.sink.print(f"writing checkpoint to {directory}")
-                states = {"policy.pt": to_reference_names(policy_state, self.policy),
+                lora = is_lora_model(self.policy)
+                states = {"policy.pt": policy_state if lora else to_reference_names(policy_state, self.policy),
                           "scheduler.pt": self.scheduler.state_dict(), RESUME_STATE_FILE: train_state}
+                hf_model, hf_state = self.policy, policy_state
+                if lora:  # LATEST/ gets the merged model, which loads without peft
+                    save_adapter(self.policy, os.path.join(partial, ADAPTER_FOLDER))
+                    hf_model, hf_state = self.policy.get_base_model(), merged_state_dict(self.policy)
                 problems = write_checkpoint_files(partial, self.example_counter, metrics or {}, states,
-                                                  tokenizer=self.tokenizer, hf_state=policy_state,
-                                                  hf_model=self.policy if output_dir is None else None)
+                                                  tokenizer=self.tokenizer, hf_state=hf_state,
+                                                  hf_model=hf_model if output_dir is None else None)
                 finish_checkpoint(partial, directory, problems)
         except BaseException as error:  # a full disk, Ctrl-C: give the space back; the previous checkpoint stays
             if self.is_main_process:
@@ -469,8 +490,11 @@ class BasicTrainer:
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
 
     def policy_state_dict(self) -> dict:
-        """The policy's full state dict (on the main process; parallel trainers gather it there)."""
-        return self.policy.state_dict()
+        """The policy's full state dict (on the main process; parallel trainers gather it there).
+
+        Under LoRA only the adapters train, so only they are saved.
+        """
+        return adapter_state_dict(self.policy) if is_lora_model(self.policy) else self.policy.state_dict()
 
     def write_optimizer_state(self, partial: str) -> None:
         if self.is_main_process:

@@ -548,13 +548,13 @@ def test_error_for_rows_of_another_schema_names_both_accepted_formats(tmp_path, 
     )
 
 
-def test_error_for_conversational_rows(tmp_path):
+def test_chat_rows_without_a_tokenizer_to_render_them_are_named(tmp_path):
     rows = fx.pair_rows(2)
     rows[1]["chosen"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = fx.write_jsonl(tmp_path / "chat.jsonl", rows)
     message = load_error(path)
-    assert message.startswith(f"{path} line 2 field 'chosen' is a list, not a string: conversational")
-    assert 'not supported; give plain strings like {"prompt": "...", "chosen": "...", "rejected": "..."}' in message
+    assert message.startswith(f"dataset {path} holds chat rows (lists of messages, e.g. {path} line 2)")
+    assert "load it with a tokenizer that has a chat template" in message  # tests/test_hub_chat.py: rendered
 
 
 def test_error_for_non_string_field(tmp_path):

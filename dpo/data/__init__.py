@@ -3,7 +3,10 @@
 The structure is the reference implementation's: for every prompt, a list of response strings,
 a list of `(preferred_index, dispreferred_index)` pairs into it, and one response to imitate
 during SFT. A new dataset is one `PreferenceSource` subclass in a new module of this package,
-decorated with `@register_dataset`; the module is imported automatically.
+decorated with `@register_dataset`; the module is imported automatically. Besides registered names,
+`datasets=[...]` takes local paths (`dpo.data.local`), mappings such as `{path: ..., split: ...,
+columns: {...}}` and named ones in config/dataset/ (`dpo.data.hub`); rows may be chat messages,
+rendered with the tokenizer's chat template (`dpo.data.chat`).
 
 Every source's output passes through `clean_pairs`, which applies the rules that hold for all
 data (see the README, "Data rules"): pairs with an empty prompt, an empty response or with
@@ -18,12 +21,16 @@ import os
 import pkgutil
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Union
 
 from dpo.data.tokens import check_tokens, unknown_token_warning
 from dpo.errors import DataError
 
 PreferenceData = dict  # prompt -> {"responses": [str], "pairs": [(int, int)], "sft_target": str}
+
+# Set on a prompt's entry when a chat template wrote its texts: templates may end every turn with the EOS
+# token, so the EOS checks meant for raw text do not apply (dpo.data.chat checks the messages instead).
+RENDERED = "rendered_by_chat_template"
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 DIRECTORY_HINT = ("a directory holding a train and a test file (train.jsonl and test.jsonl, or names like "
@@ -103,23 +110,49 @@ def is_local_path(name: str) -> bool:
     )
 
 
-def dataset_source(name: str) -> PreferenceSource:
-    """The source for a name in `datasets=[...]`: a registered name or a local path."""
-    if name in _SOURCES:
-        return _SOURCES[name]()
-    if is_local_path(name):
-        from dpo.data.local import LocalPreferenceFiles
+# What `datasets=[...]` may hold: a registered name, a named entry of config/dataset/, a local path, a
+# mapping `{path: ..., split: ..., columns: {...}}` (see `dpo.data.hub`), or an already built source.
+DatasetEntry = Union[str, Mapping, PreferenceSource]
 
-        return LocalPreferenceFiles(name)
+
+def dataset_source(entry: DatasetEntry, tokenizer=None) -> PreferenceSource:
+    """The source for an entry of `datasets=[...]` (see `DatasetEntry`), loading nothing yet.
+
+    `tokenizer` renders chat rows with its chat template; without one, data holding chat rows is refused
+    when it is loaded. A `PreferenceSource` is returned as it is.
+    """
+    from dpo.data.hub import MappedDatasetSource, named_entry, named_entry_names
+    from dpo.data.local import LocalPreferenceFiles
+
+    if isinstance(entry, PreferenceSource):
+        return entry
+    if isinstance(entry, Mapping):
+        return MappedDatasetSource(entry, tokenizer)
+    if not isinstance(entry, str):
+        raise DataError(f"datasets entry {entry!r} is {type(entry).__name__}; give a dataset name, a path, or a "
+                        "mapping like {path: my/dataset, split: train}")
+    if entry in _SOURCES:
+        return _SOURCES[entry]()
+    named = named_entry(entry)
+    if named is not None:
+        return MappedDatasetSource(named.entry, tokenizer, label=entry, where=named.path)
+    if is_local_path(entry):
+        return LocalPreferenceFiles(entry, tokenizer)
     raise DataError(
-        f"unknown dataset '{name}' in datasets=[...]: valid names are {', '.join(dataset_names())}, "
-        f"or a path to a local .jsonl/.json/.parquet file (optionally .gz) or to {DIRECTORY_HINT}"
+        f"unknown dataset '{entry}' in datasets=[...]: valid names are {', '.join(dataset_names())}, the entries of "
+        f"config/dataset/ ({', '.join(named_entry_names()) or 'none'}), a path to a local .jsonl/.json/.parquet file "
+        f"(optionally .gz) or to {DIRECTORY_HINT}, or a mapping like {{path: my/hub_dataset, split: train}}"
     )
 
 
-def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> PreferenceData:
-    """Load dataset `name` (registered or a local path) for `split`, as the reference's dict."""
-    return load_source(dataset_source(name), split, silent=silent, cache_dir=cache_dir).data
+def get_dataset(name: DatasetEntry, split: str, silent: bool = False, cache_dir: Optional[str] = None,
+                tokenizer=None) -> PreferenceData:
+    """Load dataset `name` (any `DatasetEntry`) for `split`, as the reference's dict.
+
+    Data holding chat rows needs a `tokenizer` with a chat template to render them.
+    """
+    source = dataset_source(name, tokenizer)
+    return load_source(source, split, silent=silent, cache_dir=cache_dir, tokenizer=tokenizer).data
 
 
 def load_source(source: PreferenceSource, split: str, silent: bool = False, cache_dir: Optional[str] = None,
@@ -223,16 +256,25 @@ def add_pair(data: PreferenceData, prompt: str, chosen: str, rejected: str) -> N
         example["sft_target"] = chosen
 
 
-def load_hub_dataset(hub_name: str, split: str, cache_dir: Optional[str] = None):
-    """`datasets.load_dataset(hub_name, split=split)`, with a failure explained in one sentence."""
+def load_hub_dataset(hub_name: str, split: Optional[str], cache_dir: Optional[str] = None,
+                     config_name: Optional[str] = None):
+    """`datasets.load_dataset(hub_name, config_name, split=split)`, with a failure explained in one sentence.
+
+    With `split=None`, all splits, as a `DatasetDict`. `hub_name` may also be a local data folder.
+    """
     import datasets
 
+    options = {"split": split, "cache_dir": cache_dir}
+    if config_name:
+        options["name"] = config_name
     try:
-        return datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(hub_name, **options)
     except Exception as error:  # network, auth and missing-split errors come in many types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"could not load {hub_name} ({split} split) from the Hugging Face hub: {reason}; check your "
-                        "network (or HF_HUB_OFFLINE and the cache), or use a local copy: datasets=[/path/to/files]") from None
+        what = hub_name + (f" (subset {config_name})" if config_name else "") + (f" ({split} split)" if split else "")
+        origin = "as a local dataset folder" if os.path.isdir(hub_name) else "from the Hugging Face hub"
+        raise DataError(f"could not load {what} {origin}: {reason}; check your network (or HF_HUB_OFFLINE and the "
+                        "cache), or use a local copy: datasets=[/path/to/files]") from None
 
 
 def _import_all_sources() -> None:

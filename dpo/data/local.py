@@ -1,11 +1,14 @@
 """Preference data from local files: `datasets=[path/to/data.jsonl]` or `datasets=[path/to/folder]`.
 
-Two row formats are understood, told apart by the first row's fields:
+Three row formats are understood, told apart by the first row's fields:
 
 - pair format: `{"prompt": ..., "chosen": ..., "rejected": ...}`, the responses being what follows
   the prompt (prompts kept from their start when too long);
 - HH transcript format: `{"chosen": ..., "rejected": ...}` holding full Anthropic-style
-  transcripts, converted exactly as the `hh` dataset is (prompts kept from their end).
+  transcripts, converted exactly as the `hh` dataset is (prompts kept from their end);
+- chat format: chosen and rejected (and optionally prompt) as lists of messages, rendered with the
+  tokenizer's chat template (see `dpo.data.chat`; prompts kept from their end). Chat rows may also
+  appear among pair-format rows.
 
 A directory holds one train and one test file, recognised by name (see `split_of_file`), each
 possibly in shards (`train-00000-of-00003.parquet`, ...) and possibly under a `data/` subfolder,
@@ -23,7 +26,9 @@ import re
 from collections import Counter
 from typing import Iterable, Iterator, Optional
 
-from dpo.data import DIRECTORY_HINT, LOCAL_SUFFIXES, PreferenceData, PreferenceSource, SplitData, add_pair
+from dpo.data import (DIRECTORY_HINT, LOCAL_SUFFIXES, RENDERED, PreferenceData, PreferenceSource, SplitData,
+                      add_pair)
+from dpo.data.chat import ChatRenderer, is_chat_row, prompt_key
 from dpo.data.hh import hh_rows_to_data, transcript_prompt
 from dpo.errors import DataError
 
@@ -40,6 +45,10 @@ MAX_LISTED = 12
 TEST_PERCENT = 5
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 HH_FIELDS = ("chosen", "rejected")
+# The row formats, and the fields each needs (a chat row's prompt is optional).
+PAIR, HH, CHAT = "pair", "hh", "chat"
+FORMAT_FIELDS = {PAIR: PAIR_FIELDS, HH: HH_FIELDS, CHAT: HH_FIELDS}
+TRUNCATION_MODES = {PAIR: "keep_start", HH: "keep_end", CHAT: "keep_end"}
 SUPPORTED = ".jsonl, .json or .parquet, optionally followed by .gz"
 PAIR_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
 
@@ -133,12 +142,14 @@ def read_rows(path: str) -> list[LocatedRow]:
 
 # ---- checking rows --------------------------------------------------------------------------
 
-def row_format(where: str, row) -> tuple[str, ...]:
-    """The fields every row must have, decided by the first row: pair format or HH transcripts."""
+def row_format(where: str, row) -> str:
+    """The format of a file's rows, decided by its first row: PAIR, HH transcripts or CHAT messages."""
     check_is_object(where, row)
-    for fields in (PAIR_FIELDS, HH_FIELDS):
-        if all(field in row for field in fields):
-            return fields
+    if is_chat_row(row):
+        return CHAT
+    for row_format_name in (PAIR, HH):
+        if all(field in row for field in FORMAT_FIELDS[row_format_name]):
+            return row_format_name
     raise DataError(
         f"{where} fits neither accepted row format (its fields are: {', '.join(row) or 'none'}); give each row "
         f"the strings {PAIR_EXAMPLE}, or HH transcripts in 'chosen' and 'rejected' (whole "
@@ -153,40 +164,76 @@ def check_is_object(where: str, row) -> None:
         )
 
 
-def check_row(where: str, row, fields: tuple[str, ...]) -> None:
-    """Raise a DataError naming the row if it lacks one of `fields` or one is not a string."""
+def check_row(where: str, row, row_format_name: str) -> None:
+    """Raise a DataError naming the row if it lacks a field its format needs, or a text field is not a string.
+
+    Chat rows are allowed among pair-format rows; their messages are checked when they are rendered.
+    """
     check_is_object(where, row)
+    if row_format_name != HH and is_chat_row(row):
+        check_has_fields(where, row, HH_FIELDS, "every chat row needs chosen and rejected messages")
+        return
+    fields = PAIR_FIELDS if row_format_name == CHAT else FORMAT_FIELDS[row_format_name]
+    need = f"every row needs the string fields {', '.join(fields)}, as the first row has"
+    if row_format_name == CHAT:
+        need = "a row without chat messages needs the string fields prompt, chosen and rejected"
+    check_has_fields(where, row, fields, need)
     for field in fields:
-        if field not in row:
-            raise DataError(
-                f"{where} has no '{field}' field (it has: {', '.join(row) or 'no fields'}); "
-                f"every row needs the string fields {', '.join(fields)}, as the first row has"
-            )
         value = row[field]
-        if isinstance(value, list):
+        if isinstance(value, (list, dict)):
             raise DataError(
-                f"{where} field '{field}' is a list, not a string: conversational (list of chat messages) "
-                f"format is not supported; give plain strings like {PAIR_EXAMPLE}"
+                f"{where} field '{field}' holds chat messages, but the first row holds HH transcripts; give every "
+                "row of a file in one format (chat rows may mix with prompt/chosen/rejected rows, not with HH ones)"
             )
         if not isinstance(value, str):
             raise DataError(
-                f"{where} field '{field}' is {type(value).__name__}, not a string; give plain strings like {PAIR_EXAMPLE}"
+                f"{where} field '{field}' is {type(value).__name__}, not a string; give plain strings like "
+                f"{PAIR_EXAMPLE}"
             )
+
+
+def check_has_fields(where: str, row: dict, fields: tuple[str, ...], need: str) -> None:
+    for field in fields:
+        if field not in row:
+            raise DataError(f"{where} has no '{field}' field (it has: {', '.join(row) or 'no fields'}); {need}")
+
+
+def check_rows(rows: list[LocatedRow]) -> str:
+    """The format the first row calls for, after checking every row against it."""
+    row_format_name = row_format(*rows[0])
+    for where, row in rows:
+        check_row(where, row, row_format_name)
+    return row_format_name
 
 
 # ---- converting rows ------------------------------------------------------------------------
 
-def pair_rows_to_data(rows: Iterable[LocatedRow], skipped: Counter) -> PreferenceData:
-    """Convert checked `{prompt, chosen, rejected}` rows into the preference dict."""
+def rows_to_split_data(rows: list[LocatedRow], row_format_name: str, skipped: Counter,
+                       renderer: ChatRenderer) -> SplitData:
+    """Convert checked rows into the preference dict, with the truncation mode their format needs."""
+    if row_format_name == HH:
+        return SplitData(hh_rows_to_data(rows, skipped), TRUNCATION_MODES[HH])
+    return SplitData(pair_rows_to_data(rows, renderer), TRUNCATION_MODES[row_format_name])
+
+
+def pair_rows_to_data(rows: Iterable[LocatedRow], renderer: ChatRenderer) -> PreferenceData:
+    """Convert checked `{prompt, chosen, rejected}` rows, plain or chat, into the preference dict."""
     data: PreferenceData = {}
-    for _, row in rows:
-        add_pair(data, row["prompt"], row["chosen"], row["rejected"])
+    for where, row in rows:
+        if is_chat_row(row):
+            prompt, chosen, rejected = renderer.texts(where, row)
+            add_pair(data, prompt, chosen, rejected)
+            data[prompt][RENDERED] = True
+        else:
+            add_pair(data, row["prompt"], row["chosen"], row["rejected"])
     return data
 
 
-def row_prompt(where: str, row: dict, fields: tuple[str, ...]) -> str:
-    """The prompt a checked row belongs to, in either format."""
-    return transcript_prompt(row["chosen"], where) if fields == HH_FIELDS else row["prompt"]
+def row_prompt(where: str, row: dict, row_format_name: str) -> str:
+    """The prompt a checked row belongs to, in any format (for chat rows, its messages as JSON)."""
+    if row_format_name == HH:
+        return transcript_prompt(row["chosen"], where)
+    return prompt_key(where, row) if is_chat_row(row) else row["prompt"]
 
 
 def prompt_hash(prompt: str) -> str:
@@ -201,6 +248,20 @@ def held_out_prompts(prompts: Iterable[str]) -> set[str]:
         return set()
     n_test = -(-len(ordered) * TEST_PERCENT // 100)
     return set(ordered[:n_test])
+
+
+def rows_of_split(rows: list[LocatedRow], row_format_name: str, split: str, label: str,
+                  fix: str) -> list[LocatedRow]:
+    """The rows whose prompt falls in `split` when one set of rows is split by prompt hash.
+
+    `label` names the data and `fix` says what to do when it has a single prompt, too few to split.
+    """
+    prompts = [row_prompt(where, row, row_format_name) for where, row in rows]
+    test_prompts = held_out_prompts(prompts)
+    if split == "test" and not test_prompts:
+        raise DataError(f"{label} holds a single prompt, too few to hold one out for the test split; {fix}")
+    in_test = split == "test"
+    return [located for located, prompt in zip(rows, prompts) if (prompt in test_prompts) == in_test]
 
 
 # ---- finding the files of a directory's splits ----------------------------------------------
@@ -315,13 +376,10 @@ def report_layout(name: str, files: dict[str, list[str]]) -> None:
         print(line)
 
 
-def checked_rows(paths: list[str]) -> tuple[list[LocatedRow], tuple[str, ...]]:
-    """The rows of the files, in order, all checked against the fields the first row calls for."""
+def checked_rows(paths: list[str]) -> tuple[list[LocatedRow], str]:
+    """The rows of the files, in order, all checked against the format the first row calls for."""
     rows = [located for path in paths for located in read_rows(path)]
-    fields = row_format(*rows[0])
-    for where, row in rows:
-        check_row(where, row, fields)
-    return rows, fields
+    return rows, check_rows(rows)
 
 
 class LocalPreferenceFiles(PreferenceSource):
@@ -345,10 +403,11 @@ class LocalPreferenceFiles(PreferenceSource):
 
     truncation_mode = None  # known only once the files are read: see load_split
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, tokenizer=None) -> None:
         super().__init__()
         self.name = path
         self.path = os.path.expanduser(path)
+        self.renderer = ChatRenderer(tokenizer, path)
 
     def load(self, split: str, silent: bool = False, cache_dir: Optional[str] = None) -> PreferenceData:
         return self.load_split(split, silent=silent, cache_dir=cache_dir).data
@@ -357,20 +416,19 @@ class LocalPreferenceFiles(PreferenceSource):
         if split not in SPLITS:
             raise DataError(f"local dataset {self.name} has splits 'train' and 'test', not '{split}'; use one of those")
         self.skipped.clear()
-        rows, fields = self.split_rows(split, silent)
-        if fields == HH_FIELDS:
-            return SplitData(hh_rows_to_data(rows, self.skipped), "keep_end")
-        return SplitData(pair_rows_to_data(rows, self.skipped), "keep_start")
+        rows, row_format_name = self.split_rows(split, silent)
+        return rows_to_split_data(rows, row_format_name, self.skipped, self.renderer)
 
-    def split_rows(self, split: str, silent: bool) -> tuple[list[LocatedRow], tuple[str, ...]]:
+    def split_rows(self, split: str, silent: bool) -> tuple[list[LocatedRow], str]:
         """The checked rows of `split` and the row format they share."""
         if os.path.isdir(self.path):
             files = split_files(self.path, self.name)
             if not silent:
                 report_layout(self.name, files)
             return checked_rows([os.path.join(self.path, file) for file in files[split]])
-        rows, fields = checked_rows([self.single_file()])
-        return self.rows_of_split(rows, fields, split), fields
+        rows, row_format_name = checked_rows([self.single_file()])
+        fix = "add more prompts or give a directory with a train and a test file"
+        return rows_of_split(rows, row_format_name, split, self.name, fix), row_format_name
 
     def single_file(self) -> str:
         if not os.path.exists(self.path):
@@ -381,15 +439,3 @@ class LocalPreferenceFiles(PreferenceSource):
         if data_suffix(self.path) is None:
             raise DataError(f"{self.name} has an unsupported suffix; use {SUPPORTED}")
         return self.path
-
-    def rows_of_split(self, rows: list[LocatedRow], fields: tuple[str, ...], split: str) -> list[LocatedRow]:
-        """The rows of a single file whose prompt falls in `split` (see the class docstring)."""
-        prompts = [row_prompt(where, row, fields) for where, row in rows]
-        test_prompts = held_out_prompts(prompts)
-        if split == "test" and not test_prompts:
-            raise DataError(
-                f"{self.name} holds a single prompt, too few to hold one out for the test "
-                "split; add more prompts or give a directory with a train and a test file"
-            )
-        in_test = split == "test"
-        return [located for located, prompt in zip(rows, prompts) if (prompt in test_prompts) == in_test]
