@@ -81,7 +81,7 @@ class _LegacyLayout:
 
 
 # Keyed on config.model_type, which survives wrapping (FSDP renames the model's class). GPT-J's
-# state dict is the same in both versions; so is that of any architecture not listed.
+# state dict is the same in both versions; so is that of any architecture not listed (T5 among them).
 _LEGACY_LAYOUTS = {
     "gpt_neox": _LegacyLayout({"embed_out.": "lm_head."}, r"(.*\.attention)\.query_key_value\.weight",
                               _gpt_neox_buffers),
@@ -306,9 +306,9 @@ def write_checkpoint(directory: str, step_idx: int, metrics: Mapping[str, Any],
     """Atomically write `{filename: state_dict}` as reference-format files into `directory`.
 
     With `hf_model`, the policy (and `tokenizer`) are also saved in Hugging Face format, so that
-    `AutoModelForCausalLM.from_pretrained(directory)` loads the result, under transformers 4.29.2
-    too (see `write_hf_export`); its weights are `hf_state` (default: `states["policy.pt"]`), which a
-    parallel trainer gathers from its shards.
+    `AutoModelForCausalLM.from_pretrained(directory)` (`AutoModelForSeq2SeqLM` for T5) loads the result,
+    under transformers 4.29.2 too (see `write_hf_export`); its weights are `hf_state` (default:
+    `states["policy.pt"]`), which a parallel trainer gathers from its shards.
     """
     partial = start_checkpoint(directory)
     try:

@@ -6,25 +6,28 @@ Only `LATEST/` gets Hugging Face files when a run ends; every `step-N/` holds ju
 optimizer.pt and scheduler.pt. This rebuilds the model and tokenizer as the run built them, from the
 run's config.yaml (the checkpoint directory's parent holds it), loads policy.pt into the model, and
 saves both with `save_pretrained` into the output directory (default: the checkpoint directory), so
-that `AutoModelForCausalLM.from_pretrained(<output dir>)` loads the policy, under transformers 4.29.2
-(the reference implementation's version) too.
+that `AutoModelForCausalLM.from_pretrained(<output dir>)` (`AutoModelForSeq2SeqLM` for an encoder-decoder
+model such as T5) loads the policy, under transformers 4.29.2 (the reference implementation's version) too.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
 import tempfile
 from typing import Optional
 
+import torch
 from omegaconf import OmegaConf
 
 from dpo.checkpoints import LEGACY_TRANSFORMERS, load_policy_state, read_archive, write_hf_export
 from dpo.config import get_local_dir, register_resolvers
 from dpo.errors import CheckpointError, ConfigError, UserError
+from dpo.lora import apply_lora, load_adapter_state, lora_enabled, merged_state_dict
 from dpo.models import load_model, load_tokenizer, torch_dtype
 
 # Weight files an earlier export may have left that a new one would not overwrite (shards, when it
@@ -48,9 +51,16 @@ def export_checkpoint(checkpoint_dir: str, output_dir: Optional[str] = None,
     archive = read_archive(policy_path, label=policy_path)
     tokenizer = load_tokenizer(model_config, cache_dir=cache_dir)
     dtype = torch_dtype(model_config.get("policy_dtype", "float32"), "model.policy_dtype")
+    torch.manual_seed(config.get("seed", 0))  # a LoRA run's base model built from a config: the run's weights
     model = load_model(model_config, tokenizer, dtype, cache_dir=cache_dir)
-    load_policy_state(model, archive["state"], policy_path,
-                      label=f"{policy_path} (with the model of {config_path})")
+    label = f"{policy_path} (with the model of {config_path})"
+    if lora_enabled(config.get("lora")):  # policy.pt holds the adapters: export the merged model
+        if model_config.get("archive"):  # the base the adapters were trained on
+            load_policy_state(model, read_archive(model_config["archive"])["state"], model_config["archive"])
+        model = apply_lora(model, config["lora"])
+        load_adapter_state(model, archive["state"], label)
+        return _write_into(output_dir or checkpoint_dir, model.get_base_model(), tokenizer, merged_state_dict(model))
+    load_policy_state(model, archive["state"], policy_path, label=label)
     return _write_into(output_dir or checkpoint_dir, model, tokenizer)
 
 
@@ -84,13 +94,13 @@ def read_run_config(config_path: str) -> tuple[dict, Optional[str]]:
     return config, get_local_dir(list(local_dirs)) if local_dirs else None
 
 
-def _write_into(directory: str, model, tokenizer) -> list[str]:
+def _write_into(directory: str, model, tokenizer, state: Optional[dict] = None) -> list[str]:
     """Save into `directory` next to whatever it holds; config.json, which loaders look for, is moved in last."""
     try:
         os.makedirs(directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".export-", dir=directory)  # same filesystem: moves are renames
         try:
-            problems = write_hf_export(staging, model, tokenizer)
+            problems = write_hf_export(staging, model, tokenizer, state)
             written = sorted(os.listdir(staging), key=lambda name: name == "config.json")
             _remove_stale_weights(directory, keep=set(written))
             for name in written:
@@ -110,6 +120,13 @@ def _remove_stale_weights(directory: str, keep: set) -> None:
                 os.remove(path)
 
 
+def auto_class_name(directory: str) -> str:
+    """The transformers Auto class that loads the model saved in `directory`."""
+    with open(os.path.join(directory, "config.json")) as file:
+        encoder_decoder = json.load(file).get("is_encoder_decoder", False)
+    return "AutoModelForSeq2SeqLM" if encoder_decoder else "AutoModelForCausalLM"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpo.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint_dir", help="a checkpoint directory holding policy.pt, e.g. <run dir>/step-1024")
@@ -123,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     output = args.output_dir or args.checkpoint_dir
     print(f"wrote {output}: the policy and tokenizer in Hugging Face format "
-          f"(AutoModelForCausalLM.from_pretrained({output!r}))")
+          f"({auto_class_name(output)}.from_pretrained({output!r}))")
     for problem in problems:
         print(f"note: transformers {LEGACY_TRANSFORMERS} would build a different model from it: {problem}",
               file=sys.stderr)

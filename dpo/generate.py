@@ -119,12 +119,15 @@ def _from_model_directories(path: str, reference: Optional[str]) -> SideBySide:
 
 
 def _hf_model(name_or_path: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    """A causal LM, or an encoder-decoder one (T5) where its config says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from dpo.models import explained_load_errors
 
     with explained_load_errors("--reference", name_or_path):
-        return AutoModelForCausalLM.from_pretrained(name_or_path)
+        encoder_decoder = AutoConfig.from_pretrained(name_or_path).is_encoder_decoder
+        auto_class = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
+        return auto_class.from_pretrained(name_or_path)
 
 
 @torch.no_grad()
@@ -141,7 +144,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], options: Generatio
             sampling = {} if options.greedy else {"temperature": options.temperature, "top_p": options.top_p}
             output = model.generate(**inputs, max_new_tokens=options.max_new_tokens, do_sample=not options.greedy,
                                     pad_token_id=tokenizer.pad_token_id, **sampling)
-            texts += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            # a causal LM returns prompt + continuation; an encoder-decoder model its decoder's start token + response
+            response_start = 1 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+            texts += tokenizer.batch_decode(output[:, response_start:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = padding_side
     return texts

@@ -9,6 +9,9 @@ Three layouts, all giving the same log-probs:
 - `packed_inputs(..., share_prompts=True)`: prefix sharing. A pair becomes one segment, its prompt once
   followed by both responses; the chosen response attends to the prompt and itself, the rejected one to
   the prompt and itself, and both continue the prompt's positions. The prompt is computed once, not twice.
+- `seq2seq_inputs`: for encoder-decoder models (T5). The left-padded prompt goes to the encoder, each
+  response (with its EOS) to the decoder, after the decoder's start token, right-padded. Chosen and
+  rejected rows share their prompt's encoding (`encoder_repeats`).
 
 A collated batch is a dict of per-example rows; `micro_batches` and `slice_batch` cut it by examples
 before any layout is chosen. Whatever the layout, `ModelInputs` lists each response token's prediction
@@ -59,23 +62,33 @@ class ModelInputs:
     predict_at: Tensor  # (n,) flat index into rows * width of the output that predicts each token
     targets: Tensor  # (n,) the predicted response tokens
     sequence_index: Tensor  # (n,) the sequence each token belongs to
-    token_index: Tensor  # (n,) the token's label position minus one, as in the padded layout
+    token_index: Tensor  # (n,) the token's label position minus one, as in the padded layout (seq2seq: its column)
     n_sequences: int
     attention_mask: Optional[Tensor] = None  # (rows, width) padding mask of the padded layout
     position_ids: Optional[Tensor] = None  # packed layouts: positions restart in every sequence
     segment_ids: Optional[Tensor] = None
     branch_ids: Optional[Tensor] = None
+    # encoder-decoder layout: `input_ids` are the encoder's rows, each prompt listed `encoder_repeats` times
+    decoder_input_ids: Optional[Tensor] = None  # (rows, width): the rows `predict_at` indexes
+    decoder_attention_mask: Optional[Tensor] = None
+    encoder_repeats: int = 1
 
     @property
     def n_tokens(self) -> int:
-        return int(self.input_ids.numel())
+        """Positions the model computes: each prompt once in the encoder, plus the decoder's (if any)."""
+        encoder = self.input_ids.numel() // self.encoder_repeats
+        return int(encoder + (self.decoder_input_ids.numel() if self.decoder_input_ids is not None else 0))
 
     def to(self, device: torch.device) -> "ModelInputs":
         moved = {name: value.to(device) if isinstance(value, Tensor) else value for name, value in vars(self).items()}
         return ModelInputs(**moved)
 
     def model_kwargs(self, attention: str, dtype: torch.dtype) -> dict[str, Any]:
-        """Keyword arguments for a Hugging Face causal LM using attention implementation `attention`."""
+        """Keyword arguments for a Hugging Face causal LM using attention implementation `attention`
+        (or, with decoder inputs, for an encoder-decoder model)."""
+        if self.decoder_input_ids is not None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                    "decoder_input_ids": self.decoder_input_ids, "decoder_attention_mask": self.decoder_attention_mask}
         if self.segment_ids is None:
             return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         return {"input_ids": self.input_ids, "position_ids": self.position_ids,
@@ -146,6 +159,42 @@ def padded_inputs(batch: Mapping[str, Any]) -> ModelInputs:
     return ModelInputs(input_ids=fields["input_ids"], attention_mask=fields["attention_mask"],
                        predict_at=rows * width + columns, targets=labels[rows, columns], sequence_index=rows,
                        token_index=columns, n_sequences=fields["input_ids"].shape[0])
+
+
+def seq2seq_inputs(batch: Mapping[str, Any], decoder_start_token_id: int) -> ModelInputs:
+    """Prompts to the encoder and responses to the decoder: chosen rows, then rejected rows (if any).
+
+    A response is what a sequence labels (its tokens and EOS); the decoder reads the start token then the
+    response, so the output at column j predicts response token j.
+    """
+    sides = ("chosen", "rejected") if "rejected_input_ids" in batch else ("chosen",)
+    responses = [response_labels(batch[f"{side}_labels"]) for side in sides]
+    width = max(1, *(response.shape[1] for response in responses))
+    labels = torch.cat([pad_to_length(response, width, IGNORE_INDEX) for response in responses])
+    labelled = labels != IGNORE_INDEX
+    # Past a response's end the decoder reads filler: later columns never affect earlier ones, and the mask hides it.
+    tokens = labels.masked_fill(~labelled, decoder_start_token_id)
+    start = tokens.new_full((len(tokens), 1), decoder_start_token_id)
+    decoder_input_ids = torch.cat([start, tokens[:, :-1]], dim=1)
+    decoder_attention_mask = labelled.long()
+    decoder_attention_mask[:, 0] = 1  # the start token, always: a query with no key to attend to would give NaN
+    rows, columns = labelled.nonzero(as_tuple=True)
+    repeats = len(sides)
+    return ModelInputs(input_ids=batch["prompt_input_ids"].repeat(repeats, 1),
+                       attention_mask=batch["prompt_attention_mask"].repeat(repeats, 1),
+                       decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                       predict_at=rows * width + columns, targets=labels[rows, columns], sequence_index=rows,
+                       token_index=columns, n_sequences=len(labels), encoder_repeats=repeats)
+
+
+def response_labels(labels: Tensor) -> Tensor:
+    """Each row's labelled tokens moved to the row's start, -100 after them: (rows, longest response)."""
+    labelled = labels != IGNORE_INDEX
+    width = int(labelled.sum(-1).max()) if len(labels) else 0
+    rows, columns = labelled.nonzero(as_tuple=True)
+    moved = labels.new_full((len(labels), width), IGNORE_INDEX)
+    moved[rows, (labelled.cumsum(-1) - 1)[rows, columns]] = labels[rows, columns]
+    return moved
 
 
 @dataclass

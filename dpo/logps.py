@@ -2,7 +2,8 @@
 
 `forward_logps(model, batch, options)` is the seam every trainer and loss goes through. It lays the
 chosen and rejected sequences out for one model call (padded, packed, or with each prompt shared:
-`dpo.layout`), runs the LM head only where a response token is predicted, and sums each sequence's
+`dpo.layout`; for an encoder-decoder model such as T5, prompts to the encoder and responses to the
+decoder), runs the LM head only where a response token is predicted, and sums each sequence's
 token log-probs. `get_batch_logps` and `concatenated_inputs` keep the reference implementation's
 functional API.
 """
@@ -10,7 +11,8 @@ functional API.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dpo.errors import ConfigError
 from dpo.layout import (IGNORE_INDEX, MASKABLE_ATTENTION, ModelInputs, concatenated_inputs, packed_inputs,
-                        pad_to_length, padded_inputs)
+                        pad_to_length, padded_inputs, seq2seq_inputs)
 
 # concatenated_inputs and pad_to_length live with the layouts; they are here too as the reference's API.
 __all__ = ["IGNORE_INDEX", "SequenceLogps", "LogpsOptions", "forward_logps", "get_batch_logps", "per_token_logps",
@@ -87,7 +89,8 @@ class LogpsOptions:
     `lm_head_chunk_size`: the LM head runs only where a response token is predicted, this many
     positions at a time, recomputed in the backward pass, so full-vocabulary float32 logits never
     exist; None runs the model's own head everywhere (the reference implementation's way).
-    `packing` and `prefix_sharing` choose the layout (`dpo.layout`).
+    `packing` and `prefix_sharing` choose the layout of a causal LM (`dpo.layout`); an encoder-decoder
+    model always gets `seq2seq_inputs`, prompts to the encoder and responses to the decoder.
     """
 
     lm_head_chunk_size: Optional[int] = 1024
@@ -100,14 +103,22 @@ class LogpsOptions:
                    prefix_sharing=bool(config.get("prefix_sharing")))
 
     def check(self, model: nn.Module) -> None:
-        """Refuse, before training, a packed layout on attention that cannot take its mask."""
+        """Refuse, before training, a packed layout on an encoder-decoder model or on attention that cannot take
+        its mask."""
+        if not (self.packing or self.prefix_sharing):
+            return
+        key = "prefix_sharing" if self.prefix_sharing else "packing"
+        if is_encoder_decoder(model):
+            raise ConfigError(f"{key}=true is for causal LMs, but {model.config.model_type} is an encoder-decoder "
+                              f"model, which already encodes each prompt once; set {key}=false")
         attention = getattr(model.config, "_attn_implementation", None)
-        if (self.packing or self.prefix_sharing) and attention not in MASKABLE_ATTENTION:
-            key = "prefix_sharing" if self.prefix_sharing else "packing"
+        if attention not in MASKABLE_ATTENTION:
             raise ConfigError(f"{key}=true needs attention that takes a mask ({' or '.join(MASKABLE_ATTENTION)}), but "
                               f"the model uses {attention}; set {key}=false, or load the model with sdpa attention")
 
-    def layout(self, batch: Mapping[str, Any]) -> ModelInputs:
+    def layout(self, batch: Mapping[str, Any], model: nn.Module) -> ModelInputs:
+        if is_encoder_decoder(model):
+            return seq2seq_inputs(batch, decoder_start_token_id(model))
         if self.packing or self.prefix_sharing:
             return packed_inputs(batch, share_prompts=self.prefix_sharing)
         return padded_inputs(batch)
@@ -115,9 +126,24 @@ class LogpsOptions:
 
 # Architectures whose logits are exactly `lm_head(final hidden states)`: no scaling or soft-capping
 # after the head, which the response-only head would skip. Others run their own head everywhere.
+# T5 scales its decoder output *before* the head (tied-embedding T5 v1.0), so the head sees it scaled.
 PLAIN_HEAD_ARCHITECTURES = frozenset({
     "gpt_neox", "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gptj",
-    "gpt_bigcode", "phi3", "olmo", "olmo2", "opt", "falcon", "stablelm", "starcoder2"})
+    "gpt_bigcode", "phi3", "olmo", "olmo2", "opt", "falcon", "stablelm", "starcoder2", "t5"})
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def decoder_start_token_id(model: nn.Module) -> int:
+    """The token an encoder-decoder model's decoder reads first (transformers 5 may keep it in generation_config)."""
+    for config in (model.config, getattr(model, "generation_config", None)):
+        start = getattr(config, "decoder_start_token_id", None)
+        if start is not None:
+            return int(start)
+    raise ConfigError(f"the {model.config.model_type} model's config has no decoder_start_token_id; add it to "
+                      "model.from_config or the model's config.json (T5 uses its pad token id, 0)")
 
 
 def forward_logps(model: nn.Module, batch: Mapping[str, Any], options: LogpsOptions = LogpsOptions(),
@@ -128,7 +154,7 @@ def forward_logps(model: nn.Module, batch: Mapping[str, Any], options: LogpsOpti
     `token_logps` also returns each response token's log-prob (for losses that need them).
     """
     device = next(model.parameters()).device
-    inputs = options.layout(batch)
+    inputs = options.layout(batch, model)
     n_sequences, width = inputs.n_sequences, int(inputs.token_index.max()) + 1 if len(inputs.token_index) else 1
     inputs = inputs.to(device)  # sizes are read before: no waiting on the device
     values = response_token_logps(model, inputs, options.lm_head_chunk_size)
@@ -159,15 +185,47 @@ def response_token_logps(model: nn.Module, inputs: ModelInputs, chunk_size: Opti
     """Float32 log-prob of each of `inputs.targets`, predicted at `inputs.predict_at`."""
     kwargs = inputs.model_kwargs(model.config._attn_implementation, model.dtype)
     head = model.get_output_embeddings()
-    if chunk_size is None or not _plain_head(model, head):
-        logits = model(**kwargs, use_cache=False).logits
-        return _chunk_logps(logits.flatten(0, 1)[inputs.predict_at], inputs.targets)
-    # The head runs inside the model's own forward, so FSDP2 and tensor-parallel hooks see a normal call.
-    head.forward = lambda hidden: _head_logps(head, hidden, inputs, chunk_size)
+    with _encoder_runs_once(model, inputs.encoder_repeats):
+        if chunk_size is None or not _plain_head(model, head):
+            logits = model(**kwargs, use_cache=False).logits
+            return _chunk_logps(logits.flatten(0, 1)[inputs.predict_at], inputs.targets)
+        # The head runs inside the model's own forward, so FSDP2 and tensor-parallel hooks see a normal call.
+        head.forward = lambda hidden: _head_logps(head, hidden, inputs, chunk_size)
+        try:
+            return model(**kwargs, use_cache=False).logits
+        finally:
+            del head.forward
+
+
+@contextmanager
+def _encoder_runs_once(model: nn.Module, repeats: int) -> Iterator[None]:
+    """While inside, the encoder computes only the first 1/`repeats` of its rows and repeats its output.
+
+    The seq2seq layout lists each prompt once per response (chosen, rejected), so that the model's
+    cross-attention mask has a row per decoder row; encoding each prompt once gives the same values and
+    gradients for half the encoder's work. Inside the model's own forward, like the chunked head.
+    """
+    if repeats == 1:
+        yield
+        return
+    encoder = model.get_encoder()
+    encode = encoder.forward
+    installed = vars(encoder).get("forward")  # a forward some library set on the instance, to put back
+
+    def encode_once(input_ids: Tensor, attention_mask: Tensor, **kwargs: Any):
+        rows = len(input_ids) // repeats
+        output = encode(input_ids=input_ids[:rows], attention_mask=attention_mask[:rows], **kwargs)
+        output.last_hidden_state = output.last_hidden_state.repeat(repeats, 1, 1)
+        return output
+
+    encoder.forward = encode_once
     try:
-        return model(**kwargs, use_cache=False).logits
+        yield
     finally:
-        del head.forward
+        if installed is None:
+            del encoder.forward
+        else:
+            encoder.forward = installed
 
 
 def _plain_head(model: nn.Module, head: Optional[nn.Module]) -> bool:

@@ -18,6 +18,7 @@ import train as train_script  # noqa: E402
 from dpo.batching import get_batch_iterator  # noqa: E402
 from dpo.config import validate_config  # noqa: E402
 from dpo.errors import CheckpointError, ConfigError  # noqa: E402
+from dpo.export import export_checkpoint  # noqa: E402
 from dpo.logps import forward_logps  # noqa: E402
 from dpo.lora import (DEFAULT_TARGET_MODULES, adapter_state_dict, apply_lora, is_lora_model,  # noqa: E402
                       load_adapter_state, merged_state_dict, refuse_adapter_archive)
@@ -167,6 +168,10 @@ def test_a_lora_run_writes_adapters_and_a_merged_model_that_loads_alone(tmp_path
         torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-5, rtol=1e-5)
         with with_adapter.disable_adapter():
             assert not torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
+    export_checkpoint(str(latest), str(tmp_path / "exported"))  # what python -m dpo.export does for step-N/
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, merged(ids).logits, atol=0, rtol=0)
 
 
 def test_a_resumed_lora_run_ends_with_the_adapters_of_an_uninterrupted_one(tmp_path):
