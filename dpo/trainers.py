@@ -394,7 +394,7 @@ class BasicTrainer:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
             # synced: sharded models need every process in every forward until all have finished
-            output = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                     do_sample=True, pad_token_id=self.tokenizer.pad_token_id,
                                     synced_gpus=self.processes.distributed)
         model.train(was_training)

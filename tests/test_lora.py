@@ -189,3 +189,13 @@ def test_a_resumed_lora_run_ends_with_the_adapters_of_an_uninterrupted_one(tmp_p
     assert straight.keys() == again.keys()
     for name in straight:
         torch.testing.assert_close(again[name], straight[name], atol=0, rtol=0)
+
+
+def test_t5_trains_with_adapters_samples_with_them_off_and_exports_a_seq2seq_model(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    run_dir = tmp_path / "t5"
+    final = train_script.train(quick(run_dir, "model=tiny-t5", "loss=dpo", "loss.beta=0.1", "lora.rank=4",
+                                     "n_examples=64", "eval_every=64", "n_eval_examples=32", "n_eval_model_samples=4"))
+    assert "judge_eval/reference" in final  # the reference sampled: the same model with its adapters disabled
+    assert type(AutoModelForSeq2SeqLM.from_pretrained(run_dir / "LATEST")).__name__ == "T5ForConditionalGeneration"
