@@ -11,7 +11,8 @@ import math
 import os
 from collections import Counter
 from datetime import datetime
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,52 @@ _FLAGS = ("debug", "do_first_eval", "sample_during_eval", "activation_checkpoint
           "wandb.enabled", "packing", "prefix_sharing", "cache_reference_logps", "compile")
 NAN_POLICIES = ("stop", "skip")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Everything a trainer reads from the config, typed and in one place (`from_config`).
+
+    The Hydra config is composed and checked by `validate_config` first (by `train.py` and the
+    Python API alike); trainers then read these fields, never the loose config.
+    """
+
+    seed: int = 0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "RMSprop"
+    lr: float = 5e-7
+    warmup_steps: int = 150
+    max_grad_norm: Optional[float] = 10.0
+    nan_policy: str = "stop"
+    n_examples: Optional[int] = None
+    eval_every: Optional[int] = 20_000
+    save_every: Optional[int] = None
+    do_first_eval: bool = True
+    sample_during_eval: bool = True
+    n_eval_model_samples: int = 16
+    max_length: int = 512
+    minimum_log_interval_secs: float = 1.0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    debug: bool = False
+    datasets: tuple = ()  # how the data is named in messages
+    policy_dtype: str = "float32"  # model.policy_dtype
+    mixed_precision: Optional[str] = None  # model.fsdp_policy_mp
+    block_name: Optional[str] = None  # model.block_name
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "TrainerSettings":
+        model = config.get("model") or {}
+        values = {f.name: config.get(f.name, f.default) for f in fields(cls)
+                  if f.name not in ("datasets", "policy_dtype", "mixed_precision", "block_name")}
+        if values["max_grad_norm"] is not None:
+            values["max_grad_norm"] = float(values["max_grad_norm"])
+        for key in ("lr", "minimum_log_interval_secs"):
+            values[key] = float(values[key])
+        return cls(**values, datasets=tuple(str(name) for name in config.get("datasets") or ()),
+                   policy_dtype=str(model.get("policy_dtype", "float32")), mixed_precision=model.get("fsdp_policy_mp"),
+                   block_name=model.get("block_name"))
 
 
 def get_local_dir(prefixes: list[str]) -> str:

@@ -37,17 +37,17 @@ class FSDPTrainer(BasicTrainer):
     """
 
     def place_models(self) -> None:
-        if self.config.activation_checkpointing:
+        if self.settings.activation_checkpointing:
             enable_activation_checkpointing(self.policy)
-        if self.config.get("compile"):
-            compile_blocks([self.policy, self.reference_model], self.config.model.block_name)
+        if self.settings.compile:
+            compile_blocks([self.policy, self.reference_model], self.settings.block_name)
         mesh = self.processes.mesh["dp"]
-        shard_model(self.policy, mesh, self.config.model.block_name, mixed_precision(self.config.model.fsdp_policy_mp))
+        shard_model(self.policy, mesh, self.settings.block_name, mixed_precision(self.settings.mixed_precision))
         if self.reference_model is not None:
-            shard_model(self.reference_model, mesh, self.config.model.block_name, None)
+            shard_model(self.reference_model, mesh, self.settings.block_name, None)
 
     def clip_gradient(self) -> float:
-        return clip_grad_norm(self.policy.parameters(), self.config.max_grad_norm)
+        return clip_grad_norm(self.policy.parameters(), self.settings.max_grad_norm)
 
     def autocast(self):
         return contextlib.nullcontext()  # FSDP2's MixedPrecisionPolicy (place_models) does it
@@ -89,18 +89,18 @@ class TensorParallelTrainer(FSDPTrainer):
         from dpo.tensor_parallel import apply_tensor_parallel
 
         tp_mesh, dp_mesh = self.processes.mesh["tp"], self.processes.mesh["dp"]
-        block_name = self.config.model.block_name
+        block_name = self.settings.block_name
         for model in (self.policy, self.reference_model):
             if model is not None:
                 model.to(self.device)
                 apply_tensor_parallel(model, tp_mesh)
-        if self.config.activation_checkpointing:
+        if self.settings.activation_checkpointing:
             enable_activation_checkpointing(self.policy)
-        if self.config.get("compile"):
+        if self.settings.compile:
             compile_blocks([self.policy, self.reference_model], block_name)
         # FSDP over the data-parallel dimension, even of size 1: every parameter becomes a DTensor
         # and model.fsdp_policy_mp applies.
-        shard_model(self.policy, dp_mesh, block_name, mixed_precision(self.config.model.fsdp_policy_mp))
+        shard_model(self.policy, dp_mesh, block_name, mixed_precision(self.settings.mixed_precision))
         if self.reference_model is not None:
             shard_model(self.reference_model, dp_mesh, block_name, None)
 

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from dpo.checkpoints import (finish_checkpoint, partial_directory, save_synced, start_checkpoint,
                              to_reference_names, write_checkpoint_files)
+from dpo.config import TrainerSettings
 from dpo.distributed import (Processes, all_ranks_agree, barrier, broadcast_object, gather_objects, gather_values,
                              single_process)
 from dpo.errors import CheckpointError, ConfigError, DataError, RunDirError, TrainingError
@@ -74,7 +75,8 @@ class BasicTrainer:
                  train_batches: Iterable[dict], eval_batches: list[dict], run_dir: str,
                  reference_model: Optional[nn.Module] = None, judges: Optional[Mapping[str, Judge]] = None,
                  sink: Optional[MetricsSink] = None, processes: Optional[Processes] = None):
-        self.config = config
+        self.config = config  # the whole run's config, as loaded; the trainer reads `settings`
+        self.settings = TrainerSettings.from_config(config)
         self.policy = policy
         self.reference_model = reference_model
         self.tokenizer = tokenizer
@@ -98,11 +100,11 @@ class BasicTrainer:
         self.reference_samples: dict[int, list[str]] = {}
         self.place_models()
         self.loss.to(self.device)  # its running statistics, if any (bco)
-        optimizer_class = getattr(torch.optim, config.optimizer)
+        optimizer_class = getattr(torch.optim, self.settings.optimizer)
         parameters = list(self.policy.parameters())
         fused = fused_if_available(optimizer_class, parameters, self.device)
-        self.optimizer = optimizer_class(parameters, lr=config.lr, **fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(config.warmup_steps))
+        self.optimizer = optimizer_class(parameters, lr=self.settings.lr, **fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(self.settings.warmup_steps))
 
     @property
     def is_main_process(self) -> bool:
@@ -113,21 +115,21 @@ class BasicTrainer:
     def train(self) -> dict:
         """Train on all of `train_batches`; return the final evaluation's metrics."""
         if self.resumed_at is None:
-            seed_everything(self.config.seed)
+            seed_everything(self.settings.seed)
         if self.reference_model is not None:
             self.reference_model.eval()
         last_log, metrics = None, {}
-        total = getattr(self.train_batches, "n_examples", self.config.n_examples)
+        total = getattr(self.train_batches, "n_examples", self.settings.n_examples)
         with tqdm.tqdm(total=total, initial=self.example_counter, unit="ex", desc="train", dynamic_ncols=True,
                        disable=not self.is_main_process) as progress:
             for batch in self.train_batches:
-                if self.due(self.config.eval_every) or (self.example_counter == 0 and self.config.do_first_eval):
+                if self.due(self.settings.eval_every) or (self.example_counter == 0 and self.settings.do_first_eval):
                     metrics = self.evaluate()
-                if self.due(self.config.eval_every) or self.due(self.config.save_every):
+                if self.due(self.settings.eval_every) or self.due(self.settings.save_every):
                     self.save(os.path.join(self.run_dir, f"step-{self.example_counter}"), metrics)
                 metrics = self.train_step(batch)
-                progress.update(self.config.batch_size)
-                show = last_log is None or time.time() - last_log > self.config.minimum_log_interval_secs
+                progress.update(self.settings.batch_size)
+                show = last_log is None or time.time() - last_log > self.settings.minimum_log_interval_secs
                 self.sink.log(metrics, self.example_counter, "train", echo=show)
                 if show:
                     last_log = time.time()
@@ -146,7 +148,7 @@ class BasicTrainer:
         """
         self.policy.train()
         start = time.time()
-        steps = self.config.gradient_accumulation_steps
+        steps = self.settings.gradient_accumulation_steps
         parts = []
         for microbatch in micro_batches(batch, steps):
             loss, values = self.batch_metrics(microbatch, train=True)
@@ -159,8 +161,8 @@ class BasicTrainer:
             self.scheduler.step()
             self.batch_counter += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.example_counter += self.config.batch_size
-        metrics.update({"examples_per_second": self.config.batch_size / (time.time() - start),
+        self.example_counter += self.settings.batch_size
+        metrics.update({"examples_per_second": self.settings.batch_size / (time.time() - start),
                         "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
                         "counters/examples": self.example_counter, "counters/updates": self.batch_counter,
                         "counters/skipped_steps": self.skipped_steps})
@@ -178,7 +180,7 @@ class BasicTrainer:
             return True
         problem = f"loss/train is {loss}" if not math.isfinite(loss) else f"grad_norm is {grad_norm}"
         where = f"the step after {self.example_counter} examples"
-        if self.config.nan_policy == "skip" and self.consecutive_skips < MAX_CONSECUTIVE_SKIPS:
+        if self.settings.nan_policy == "skip" and self.consecutive_skips < MAX_CONSECUTIVE_SKIPS:
             self.skipped_steps += 1
             self.consecutive_skips += 1
             self.sink.print(f"warning: {where}: {problem}; skipping that step (nan_policy=skip)")
@@ -190,11 +192,11 @@ class BasicTrainer:
 
     def divergence_advice(self) -> str:
         """The likely cause of non-finite values, and the fix."""
-        if self.config.model.policy_dtype == "float16":
+        if self.settings.policy_dtype == "float16":
             return ("float16 likely overflowed (model.policy_dtype=float16, which needs loss scaling): use bfloat16 "
-                    f"or float32, or lower the learning rate (lr={self.config.lr}), or set nan_policy=skip to skip "
+                    f"or float32, or lower the learning rate (lr={self.settings.lr}), or set nan_policy=skip to skip "
                     "such steps")
-        return f"the learning rate is likely too high (lr={self.config.lr}): lower it, or set nan_policy=skip " \
+        return f"the learning rate is likely too high (lr={self.settings.lr}): lower it, or set nan_policy=skip " \
                "to skip such steps"
 
     def last_checkpoint_note(self) -> str:
@@ -220,7 +222,7 @@ class BasicTrainer:
         missing = [field for field in self.loss.batch_fields if field not in batch]
         if missing:
             raise DataError(f"loss '{self.loss.name}' needs the batch field '{missing[0]}', which the datasets "
-                            f"{list(self.config.datasets)} do not provide; choose a dataset that has it, or "
+                            f"{list(self.settings.datasets)} do not provide; choose a dataset that has it, or "
                             "another loss")
         return {field: torch.as_tensor(batch[field], device=self.device) for field in self.loss.batch_fields}
 
@@ -238,7 +240,7 @@ class BasicTrainer:
     def autocast(self):
         """Mixed precision on one device: `model.fsdp_policy_mp` computes in that dtype over float32 weights
         (the parallel trainers get the same from FSDP2's policy instead)."""
-        dtype = self.config.model.get("fsdp_policy_mp")
+        dtype = self.settings.mixed_precision
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=getattr(torch, dtype))
@@ -294,7 +296,7 @@ class BasicTrainer:
             self.reference_cache.update(part)
         if self.is_main_process:
             self.reference_cache.save()
-        if not self.config.sample_during_eval:
+        if not self.settings.sample_during_eval:
             self.release_reference_model()
         return len(computed)
 
@@ -318,7 +320,7 @@ class BasicTrainer:
         if not math.isfinite(loss):  # sampling from such a model would fail with a torch error
             raise TrainingError(f"evaluation after {self.example_counter} examples gives loss/eval {loss}, so the "
                                 f"weights are broken; {self.divergence_advice()}; {self.last_checkpoint_note()}")
-        if self.config.sample_during_eval:
+        if self.settings.sample_during_eval:
             lists.update(self.sample_and_judge())
         metrics = mean_metrics(lists)
         metrics.update({"counters/examples": self.example_counter, "counters/updates": self.batch_counter})
@@ -331,7 +333,7 @@ class BasicTrainer:
         Each data-parallel process samples its own slice of a batch; the rows are gathered in order.
         """
         rows, scores = [], defaultdict(list)
-        remaining = self.config.n_eval_model_samples
+        remaining = self.settings.n_eval_model_samples
         for batch_index, batch in enumerate(self.eval_batches):
             if remaining <= 0:
                 break
@@ -385,14 +387,14 @@ class BasicTrainer:
         """Sampled continuations (response text only) of the batch's left-padded prompts."""
         input_ids = batch["prompt_input_ids"].to(self.device)
         attention_mask = batch["prompt_attention_mask"].to(self.device)
-        max_new_tokens = max(1, self.config.max_length - input_ids.shape[1])
+        max_new_tokens = max(1, self.settings.max_length - input_ids.shape[1])
         was_training = model.training
         model.eval()
         # A private random stream: sampling leaves training's stream untouched, and every eval
         # samples with the same randomness, so evals (and policy vs reference) compare fairly.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed)
+            torch.manual_seed(self.settings.seed)
             # synced: sharded models need every process in every forward until all have finished
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                     do_sample=True, pad_token_id=self.tokenizer.pad_token_id,
@@ -411,7 +413,7 @@ class BasicTrainer:
         Every process takes part (the policy and optimizer may be sharded); the main process writes
         the files into `<dir>.partial`, which becomes `<dir>` only when complete.
         """
-        if self.config.debug:
+        if self.settings.debug:
             self.sink.print("debug mode: not saving a checkpoint")
             return
         directory = output_dir or os.path.join(self.run_dir, "LATEST")
@@ -479,14 +481,14 @@ class BasicTrainer:
         self.policy.to(self.device)
         if self.reference_model is not None:
             self.reference_model.to(self.device)
-        if self.config.activation_checkpointing:
+        if self.settings.activation_checkpointing:
             enable_activation_checkpointing(self.policy)
-        if self.config.get("compile"):
-            compile_blocks([self.policy, self.reference_model], self.config.model.block_name)
+        if self.settings.compile:
+            compile_blocks([self.policy, self.reference_model], self.settings.block_name)
 
     def clip_gradient(self) -> float:
         """Clip to `max_grad_norm` (null: no clipping); return the norm before clipping."""
-        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        max_norm = self.settings.max_grad_norm if self.settings.max_grad_norm is not None else math.inf
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
 
     def policy_state_dict(self) -> dict:

@@ -417,3 +417,19 @@ def test_max_grad_norm_null_means_no_clipping(tmp_path):
         norms_after[max_grad_norm] = after.norm().item()
     assert norms_after[None] == pytest.approx(norm, rel=1e-4)  # untouched
     assert norms_after[1e-3] == pytest.approx(1e-3, rel=1e-3)  # clipped
+
+
+def test_trainer_settings_are_the_configs_keys_with_its_values():
+    from dataclasses import fields
+
+    from dpo.config import TrainerSettings
+
+    config = make_config("model=pythia28", "loss=dpo", "loss.beta=0.1", "max_grad_norm=null", "compile=true")
+    settings = TrainerSettings.from_config(config)
+    renamed = {"policy_dtype": config.model.policy_dtype, "mixed_precision": config.model.fsdp_policy_mp,
+               "block_name": config.model.block_name, "datasets": tuple(config.datasets)}
+    for field in fields(TrainerSettings):
+        expected = renamed[field.name] if field.name in renamed else config[field.name]  # a renamed key fails here
+        assert getattr(settings, field.name) == expected, field.name
+    assert settings.max_grad_norm is None and settings.compile and settings.block_name == "GPTNeoXLayer"
+    assert TrainerSettings() == TrainerSettings.from_config({})  # the dataclass's defaults are the yaml's
