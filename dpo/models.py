@@ -163,13 +163,13 @@ def load_models(config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, n
         disable_dropout(policy)
     if lora_enabled(lora) and not is_lora_model(policy):
         policy = apply_lora(policy, lora)
-    if needs_reference and reference_model is None and not is_lora_model(policy):
+    if not needs_reference:
+        reference_model = None
+    elif reference_model is None and not is_lora_model(policy):
         reference_model = _reference_copy(config, policy, tokenizer, archive, cache_dir)
     if reference_model is not None:
         disable_dropout(reference_model)
         reference_model.requires_grad_(False)
-    if not needs_reference:
-        reference_model = None
     if resume_state is not None:
         label = "the resumed policy.pt"
         if is_lora_model(policy):

@@ -75,9 +75,10 @@ def run(config: DictConfig, given: Optional[Given] = None) -> dict:
 
 def evaluate(config: DictConfig, given: Optional[Given] = None) -> dict:
     """The eval metrics of the model `config` describes (or `given.policy`) on its test split; writes nothing."""
+    given = given or Given()
     processes = init_processes(config.trainer, config.get("tensor_parallel_size"))
     try:
-        _prepare_config(config, given or Given())
+        _prepare_config(config, given)
         loss = build_loss(OmegaConf.to_container(config.loss, resolve=True))
         cache_dir = get_local_dir(config.local_dirs)
         tokenizer, _, eval_batches = _load_data(config, processes, loss, cache_dir, 0, given, with_train=False)

@@ -198,3 +198,11 @@ def test_chat_rows_in_memory_are_rendered_with_the_chat_template():
     with pytest.raises(DataError, match=r"eval_dataset row 0.*assistant"):
         trainer.evaluate([{"chosen": [{"role": "user", "content": "hi"}],
                            "rejected": [{"role": "user", "content": "x"}]}])
+
+
+def test_run_evaluate_works_from_the_config_alone(tmp_path):
+    from dpo.run import evaluate
+
+    metrics = evaluate(quick(tmp_path / "run", "loss=dpo", "loss.beta=0.1", "sample_during_eval=false"))
+    assert metrics["rewards_eval/margins"] == 0 and math.isfinite(metrics["loss/eval"])
+    assert not (tmp_path / "run").exists()  # evaluation writes nothing
