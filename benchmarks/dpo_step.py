@@ -274,8 +274,9 @@ class FeatureMissing(Exception):
 
 def compose_config(job: dict, overrides: Iterable[str] = ()):
     """The library's config for this job, composed with Hydra as train.py composes it."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
+
+    from dpo.config import compose_config as compose_library_config
 
     shape = {"model_type": "gpt_neox", **MODELS[job["model"]], "rotary_pct": 0.25, "max_position_embeddings": 2048}
     common = ["loss=dpo", f"loss.beta={BETA}", f"batch_size={PAIRS_PER_STEP}", f"max_length={job['max_length']}",
@@ -285,8 +286,7 @@ def compose_config(job: dict, overrides: Iterable[str] = ()):
               f"model.tokenizer_name_or_path='{job['tokenizer']}'",
               "model.from_config={" + ",".join(f"{key}:{value}" for key, value in shape.items()) + "}"]
     try:
-        with initialize_config_dir(config_dir=str(REPO / "config"), version_base="1.3"):
-            return compose(config_name="config", overrides=[*common, *overrides])
+        return compose_library_config([*common, *overrides])
     except ConfigCompositionException as error:
         raise FeatureMissing(f"the library's config does not accept {list(overrides)}: {first_line(error)}") from None
 

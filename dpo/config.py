@@ -110,6 +110,23 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sft_or_preference", sft_or_preference)
 
 
+def compose_config(overrides: list[str] = ()) -> DictConfig:
+    """The config `python train.py <overrides>` composes, for code that builds one without the command line.
+
+    The yaml files use this package's resolvers, which OmegaConf looks up only when a value is read,
+    so they are registered here: a caller that composes with Hydra directly and forgets them fails
+    later, on the first read, far from the cause.
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    if not os.path.isdir(CONFIG_DIR):
+        raise ConfigError(f"the config folder {CONFIG_DIR} is missing; install the package from a checkout "
+                          "with pip install -e .")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
 def validate_config(config: DictConfig, check_datasets: bool = True) -> None:
     """Check every value `train.py` relies on, before anything is loaded; warn about suspicious ones.
 
