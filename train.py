@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpo.config import register_resolvers
 from dpo.distributed import LaunchError, launch, launched_by_torchrun, visible_devices
 from dpo.errors import RunDirError, UserError
+from dpo.overrides import composition_problem
 from dpo.resume import resumed_config
 from dpo.run import run as train  # noqa: F401 (train.train(config), as tests and notebooks call it)
 from dpo.run import run_from_command_line
@@ -64,4 +65,8 @@ def command_line_config(config: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 if __name__ == "__main__":
+    problem = composition_problem(sys.argv[1:])  # before Hydra, whose own report of it is many lines
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
     main()
