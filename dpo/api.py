@@ -11,6 +11,11 @@ same defaults (`config/config.yaml`, the chosen loss's yaml, `config/model/blank
 `train()` runs the same `dpo.run.run`. Three defaults differ, as a notebook wants: wandb is off
 unless `wandb={"enabled": True}`, evaluation happens only with an `eval_dataset`, and it samples
 from the models only with `sample_during_eval=True` (generation is the slow part of an eval).
+It does not print the whole config unless `show_config=True`.
+
+With `cache_reference_logps=True` the cached reference log-probs are named after a digest of the
+reference model's config and weights (see `dpo.reference_cache`), so another model, or the same
+model after training, never reads a first one's log-probs.
 """
 
 from __future__ import annotations
@@ -43,10 +48,12 @@ class DPOTrainer:
     model with its adapters disabled). `model` is trained in place, with its dropout turned off.
     Every other keyword is a config key: `lr=`, `batch_size=`, `n_epochs=`, a loss setting such as
     `beta=`, a model setting such as `policy_dtype=`, or a section such as `lora={"rank": 8}`.
+    `show_config=True` prints the whole config when `train()` starts, as `train.py` does (it is
+    always saved as the run directory's `config.yaml`).
     """
 
     def __init__(self, model: nn.Module, tokenizer, dataset, eval_dataset=None, ref_model: Optional[nn.Module] = None,
-                 loss: str = "dpo", **settings: Any) -> None:
+                 loss: str = "dpo", show_config: bool = False, **settings: Any) -> None:
         if "datasets" in settings:
             raise TypeError("DPOTrainer takes its data as dataset= (and eval_dataset=), not datasets=")
         self.config = trainer_config(loss, model, has_eval=eval_dataset is not None, **settings)
@@ -62,6 +69,7 @@ class DPOTrainer:
         if ref_model is None and needs_reference and not is_lora_model(model):
             ref_model = copy.deepcopy(model)  # now, before training changes `model`
         self.ref_model = ref_model.requires_grad_(False) if ref_model is not None else None
+        self.show_config = show_config
         self.run_dir: Optional[str] = None
 
     def train(self) -> dict:
@@ -89,7 +97,7 @@ class DPOTrainer:
 
     def _given(self) -> Given:
         return Given(policy=self.model, reference_model=self.ref_model, tokenizer=self.tokenizer,
-                     datasets=[self.data])
+                     datasets=[self.data], show_config=self.show_config)
 
 
 def trainer_config(loss: str, model: nn.Module, has_eval: bool, **settings: Any) -> DictConfig:

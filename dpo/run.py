@@ -27,11 +27,13 @@ from dpo.data import dataset_source
 from dpo.distributed import (Processes, barrier, broadcast_object, check_batch_layout, init_processes,
                              main_process_first, shutdown)
 from dpo.errors import CheckpointError, ConfigError, RunDirError, UserError
+from dpo.lora import lora_enabled
 from dpo.losses import build_loss
 from dpo.metrics import MetricsSink, format_metrics
 from dpo.models import load_models, load_tokenizer
 from dpo.plot import plot_run_quietly
-from dpo.reference_cache import CACHE_FOLDER, reference_fingerprint
+from dpo.reference_cache import (CACHE_FOLDER, check_resumed_reference, fingerprint_of, reference_identity,
+                                 write_reference_identity)
 from dpo.resume import repair_checkpoints, resumable_checkpoint, truncate_logs
 from dpo.rundir import (RESUME_STATE_FILE, check_run_dir_is_free, describe_os_error, newest_checkpoint,
                         open_run_dir)
@@ -62,6 +64,7 @@ class Given:
     reference_model: Optional[nn.Module] = None
     tokenizer: Any = None
     datasets: Optional[list] = None
+    show_config: bool = True  # print the whole config when the run starts (train.py does; the API does not)
 
 
 def run(config: DictConfig, given: Optional[Given] = None) -> dict:
@@ -129,6 +132,10 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
         raise ConfigError(f"the training data holds fewer examples than batch_size={config.batch_size}, so not "
                           "one full batch (training drops a partial last batch); lower batch_size or add examples")
     judges = _judges(config, given)
+    reference = reference_identity(config, cache_dir, given.reference_model,
+                                   digest_weights=bool(config.cache_reference_logps))
+    if checkpoint and (loss.needs_reference or lora_enabled(config.get("lora"))):
+        check_resumed_reference(run_dir, reference)  # the reference is rebuilt from the files as they are now
     archive = read_archive(config.model.archive) if config.model.archive else None
     resume_state = None
     if checkpoint:
@@ -141,7 +148,8 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
                   + (f" (dropped {dropped} log lines written after it)" if dropped else ""))
         else:  # created only now that config and data are known to be good
             run_dir_lock.enter_context(open_run_dir(run_dir, overwrite=config.overwrite_run_dir))
-        write_run_config(config, run_dir)
+            write_reference_identity(run_dir, reference)
+        write_run_config(config, run_dir, show_config=given.show_config)
     barrier()  # the run directory exists before any process writes into it
     policy, reference_model = load_models(config, tokenizer, loss.needs_reference, cache_dir, archive,
                                           resume_state=resume_state, verbose=main, policy=given.policy,
@@ -156,7 +164,8 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
         if checkpoint:
             trainer.load_checkpoint(checkpoint)
         if config.cache_reference_logps and reference_model is not None:
-            _precompute_reference_logps(config, processes, trainer, loss, cache_dir, step, eval_batches, given)
+            _precompute_reference_logps(config, processes, trainer, loss, cache_dir, step, eval_batches, given,
+                                        reference)
         final_metrics = trainer.train()
         trainer.save(metrics=final_metrics)
     finally:
@@ -202,15 +211,28 @@ def _load_data(config: DictConfig, processes: Processes, loss, cache_dir: str, s
 
 
 def _precompute_reference_logps(config: DictConfig, processes: Processes, trainer, loss, cache_dir: str, step: int,
-                                eval_batches: list[dict], given: Given) -> None:
-    """One pass over the batches the run will see (each pair computed once), cached under `cache_dir`."""
-    path = os.path.join(cache_dir, CACHE_FOLDER, f"{reference_fingerprint(config)}.pt")
+                                eval_batches: list[dict], given: Given, reference: dict) -> None:
+    """One pass over the batches the run will see (each pair computed once), cached under `cache_dir` in a file
+    named after the reference's identity (`reference`)."""
+    path = os.path.join(cache_dir, CACHE_FOLDER, f"{fingerprint_of(reference)}.pt")
     _, train_batches, _ = _load_data(config, processes, loss, cache_dir, step, given, with_eval=False)
     start = time.time()
     computed = trainer.precompute_reference_logps(chain(train_batches, eval_batches), path)
-    if processes.is_main:
-        print(f"reference log-probs: computed {computed} pairs in {time.time() - start:.1f}s, "
-              f"{len(trainer.reference_cache) - computed} from {path}")
+    cache, seconds = trainer.reference_cache, time.time() - start
+    if not processes.is_main:
+        return
+    if cache.unreadable:
+        print(f"warning: the reference log-prob cache {path} was unreadable ({cache.unreadable}); its log-probs are "
+              "computed again and the file replaced")
+    by = f" by {processes.world_size} processes" if processes.world_size > 1 else ""
+    read = cache.n_pairs - computed
+    if read == 0:
+        print(f"reference log-probs: computed all {computed} pairs{by} in {seconds:.1f}s; saved to {path}")
+    elif computed == 0:
+        print(f"reference log-probs: all {read} pairs read from {path}")
+    else:
+        print(f"reference log-probs: {read} of {cache.n_pairs} pairs read from {path}, {computed} computed{by} in "
+              f"{seconds:.1f}s and added to it")
 
 
 def _checkpoint_to_resume(run_dir: str) -> tuple[str, int]:
@@ -236,8 +258,9 @@ def _wandb_id(checkpoint: Optional[str]) -> Optional[str]:
     return _train_state(checkpoint).get("wandb_id") if checkpoint else None
 
 
-def write_run_config(config: DictConfig, run_dir: str) -> None:
-    print(OmegaConf.to_yaml(config))
+def write_run_config(config: DictConfig, run_dir: str, show_config: bool = True) -> None:
+    if show_config:
+        print(OmegaConf.to_yaml(config))
     print(f"run directory: {run_dir}")
     try:
         OmegaConf.save(config, os.path.join(run_dir, "config.yaml"))

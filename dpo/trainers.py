@@ -278,27 +278,34 @@ class BasicTrainer:
 
         `path` keeps them between runs: entries already there are not recomputed, and the new ones
         are written back. Each data-parallel process computes its own slices; all processes end
-        with every entry, so any batch layout finds its pairs. Returns the number computed here.
+        with every entry, so any batch layout finds its pairs. Returns the number of distinct pairs
+        computed (by all processes); `reference_cache.n_pairs` is the number of distinct pairs seen.
         """
         if self.loss.needs_token_logps:
             raise ConfigError(f"loss '{self.loss.name}' needs per-token reference log-probs, which "
                               "cache_reference_logps does not keep (only sums); set cache_reference_logps=false")
         self.reference_cache = ReferenceLogpsCache(path if self.is_main_process else None)
         self.reference_cache.update(broadcast_object(self.reference_cache.entries))
-        computed = {}
+        computed, seen = {}, set()
         self.reference_model.eval()
         for batch in batches:
-            if not all_ranks_agree(not self.reference_cache.missing(batch)):  # sharded models run on all or none
-                keys = self.reference_cache.keys(batch)
+            keys = self.reference_cache.keys(batch)
+            seen.update(keys)
+            cached = all(key in self.reference_cache.entries for key in keys)
+            if not all_ranks_agree(cached):  # sharded models run on all processes or none
                 self.reference_cache.add(batch, self.reference_logps(batch))
                 computed.update((key, self.reference_cache.entries[key]) for key in keys)
-        for part in gather_objects(computed):
+        computed_anywhere = set()
+        for part, part_seen in gather_objects((computed, seen)):
             self.reference_cache.update(part)
+            computed_anywhere.update(part)
+            seen.update(part_seen)
+        self.reference_cache.n_pairs = len(seen)
         if self.is_main_process:
             self.reference_cache.save()
         if not self.settings.sample_during_eval:
             self.release_reference_model()
-        return len(computed)
+        return len(computed_anywhere)
 
     def release_reference_model(self) -> None:
         """Free the reference model's memory once the cache holds all its log-probs (and samples)."""
@@ -324,7 +331,8 @@ class BasicTrainer:
             lists.update(self.sample_and_judge())
         metrics = mean_metrics(lists)
         metrics.update({"counters/examples": self.example_counter, "counters/updates": self.batch_counter})
-        self.sink.log(metrics, self.example_counter, "eval")
+        if self.eval_batches:  # without eval pairs there is nothing to report, only the counters to return
+            self.sink.log(metrics, self.example_counter, "eval")
         return metrics
 
     def sample_and_judge(self) -> dict[str, list[float]]:
