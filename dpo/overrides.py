@@ -66,7 +66,8 @@ def _explain(error: Exception, overrides: list, lines: list[str]) -> str:
     bad = next((override for override in overrides if f"'{override.key_or_group}'" in str(error)), None)
     if bad is None:
         return f"cannot compose the config: {_one_line(error)}"
-    key = bad.key_or_group
+    # For a dict value (lora={r:4}) the unknown key is inside it: OmegaConf's error names the full key.
+    key = getattr(error.__cause__, "full_key", None) or bad.key_or_group
     resume = next((override.value() for override in overrides if override.key_or_group == "resume"), None)
     saved = _saved_config(resume)
     if saved is not None and OmegaConf.select(saved, key, default=_ABSENT) is not _ABSENT:

@@ -23,6 +23,7 @@ def train(*arguments: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     (["model=pythya28"], "error: model=pythya28: there is no model named 'pythya28'; did you mean model=pythia28?"),
     (["loss=dpo", "loss.bta=0.1"], "error: loss.bta=0.1: loss=dpo has no setting 'bta'; did you mean loss.beta? "
                                    "(its settings: beta, label_smoothing, name, reference_free, rpo_alpha)"),
+    (["lora={r:4}"], "error: lora={r:4}: lora has no setting 'r' (its settings: alpha, dropout, rank, target_modules)"),
     (["loss=dpo,ipo"], "error: loss=dpo,ipo: a comma-separated value asks Hydra for one run per value, which needs "
                        "--multirun"),
 ])
