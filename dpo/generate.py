@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -28,11 +29,17 @@ from torch import nn
 
 from dpo.checkpoints import read_archive
 from dpo.data import dataset_source, is_local_path
-from dpo.errors import ConfigError, DataError, UserError
+from dpo.errors import ConfigError, DataError, RunDirError, UserError
 from dpo.export import checkpoint_policy_path, read_run_config
+from dpo.lora import AdapterFreeModel, is_lora_model
 from dpo.models import load_models, load_tokenizer
 
 Judge = Callable[[str, str], float]
+
+# Sampling divides the logits by the temperature. Below 0.01 that is greedy decoding in all but name (a logit
+# 0.1 ahead is 22,000 times likelier), and far below it the division overflows: 1e-300 makes every logit
+# infinite and sampling fails on NaN probabilities. Greedy decoding is its own option.
+MIN_TEMPERATURE = 0.01
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,28 @@ class GenerationOptions:
     greedy: bool = False
     seed: int = 0
     batch_size: int = 16
+
+
+def check_options(options: GenerationOptions, command_line: bool = False) -> None:
+    """Refuse options that sampling cannot use, in one sentence naming the option as the user wrote it."""
+    def name(option: str) -> str:
+        return f"--{option}" if command_line else option
+
+    def refuse(option: str, value, rule: str) -> None:
+        raise ConfigError(f"{name(option)} {value!r} is out of range; give {name(option)} {rule}")
+
+    if isinstance(options.max_new_tokens, bool) or not isinstance(options.max_new_tokens, int) \
+            or options.max_new_tokens < 1:
+        refuse("max_new_tokens", options.max_new_tokens, "of at least 1")
+    if options.greedy:
+        return  # temperature and top_p are not used
+    if not (isinstance(options.temperature, (int, float)) and math.isfinite(options.temperature)
+            and options.temperature >= MIN_TEMPERATURE):
+        refuse("temperature", options.temperature,
+               f"a finite number of at least {MIN_TEMPERATURE} (below it logits / temperature overflows, and "
+               f"sampling is greedy decoding in all but name), or use {name('greedy')} for the most likely tokens")
+    if not (isinstance(options.top_p, (int, float)) and 0 < options.top_p <= 1):
+        refuse("top_p", options.top_p, "in (0, 1] (1 samples from every token)")
 
 
 @dataclass
@@ -85,6 +114,9 @@ def load_side_by_side(path: str, reference: Optional[str] = None, device: Option
         pair = _from_run(run_dir, checkpoint)
         if reference is not None:  # compare with another model than the one the run started from
             pair.reference = _hf_model(reference)
+        elif pair.reference is None and is_lora_model(pair.policy):
+            # A LoRA run has no second model: its reference is the policy with the adapters off, as in training.
+            pair.reference = AdapterFreeModel(pair.policy)
     for model in (pair.policy, pair.reference):
         model.to(device).eval()
     return pair
@@ -122,9 +154,9 @@ def _hf_model(name_or_path: str) -> nn.Module:
     """A causal LM, or an encoder-decoder one (T5) where its config says so."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from dpo.models import explained_load_errors
+    from dpo.models import explained_load_errors, explained_weight_errors
 
-    with explained_load_errors("--reference", name_or_path):
+    with explained_load_errors("--reference", name_or_path), explained_weight_errors("--reference", name_or_path):
         encoder_decoder = AutoConfig.from_pretrained(name_or_path).is_encoder_decoder
         auto_class = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
         return auto_class.from_pretrained(name_or_path)
@@ -133,6 +165,7 @@ def _hf_model(name_or_path: str) -> nn.Module:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], options: GenerationOptions) -> list[str]:
     """Completions (response text only) of `prompts`, sampled with `options.seed` (or greedy)."""
+    check_options(options)
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # continuations follow the prompt
     texts = []
@@ -171,15 +204,28 @@ def _dataset_names() -> list[str]:
 
 
 def _prompts_from_file(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as file:
-        lines = [line.rstrip("\n") for line in file]
+    try:
+        with open(path, encoding="utf-8-sig") as file:  # -sig: a byte-order mark, as some editors write, is dropped
+            lines = [line.rstrip("\r\n") for line in file]
+    except UnicodeDecodeError as error:
+        raise DataError(f"--prompts {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                        f"{error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise DataError(f"cannot read --prompts {path}: {error.strerror or error}; check that it is a readable "
+                        "file") from None
     if path.endswith(".txt"):
         prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
     else:
         prompts = []
         for number, line in enumerate(lines, start=1):
             if line.strip():
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except ValueError as error:
+                    reason = getattr(error, "msg", str(error))
+                    raise DataError(f"line {number} of {path} is not valid JSON ({reason} at column "
+                                    f"{getattr(error, 'colno', '?')}); write one JSON object per line such as "
+                                    "{\"prompt\": \"...\"}") from None
                 if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                     raise DataError(f"line {number} of {path} has no \"prompt\" text field; write one JSON object "
                                     "per line such as {\"prompt\": \"...\"}")
@@ -191,7 +237,30 @@ def _prompts_from_file(path: str) -> list[str]:
 
 def write_generations(rows: list[dict], out_dir: str) -> list[str]:
     """`generations.jsonl` (every row) and `generations.md` (a table to read), in `out_dir`."""
-    os.makedirs(out_dir, exist_ok=True)
+    check_out_dir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        return _write_generation_files(rows, out_dir)
+    except OSError as error:
+        raise RunDirError(f"cannot write the generations to {out_dir}: {error.strerror or error}; give --out a "
+                          "writable directory with free space") from None
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Refuse an output path that is a file (or lies under one), before any model loads."""
+    path = os.path.abspath(out_dir)
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        where = "" if path == os.path.abspath(out_dir) else f" ({path} is a file)"
+        raise RunDirError(f"--out {out_dir} is a file, not a directory{where}; give a directory (created if "
+                          "missing) for generations.jsonl and generations.md")
+
+
+def _write_generation_files(rows: list[dict], out_dir: str) -> list[str]:
     jsonl, markdown = os.path.join(out_dir, "generations.jsonl"), os.path.join(out_dir, "generations.md")
     with open(jsonl, "w", encoding="utf-8") as file:
         file.writelines(json.dumps(row) + "\n" for row in rows)
@@ -227,6 +296,9 @@ def _cell(text: str, limit: int = 300) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
+N_PRINTED = 8  # rows printed to the terminal; the files hold every row
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpo.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="a run directory, one of its checkpoints, or a Hugging Face model directory")
@@ -243,8 +315,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 greedy=args.greedy, seed=args.seed)
     try:
-        if args.n < 1 or args.max_new_tokens < 1 or not args.temperature > 0 or not 0 < args.top_p <= 1:
-            raise ConfigError("--n and --max_new_tokens must be positive, --temperature above 0 and --top_p in (0, 1]")
+        if args.n < 1:
+            raise ConfigError(f"--n {args.n} is out of range; give --n, the number of prompts, of at least 1")
+        check_options(options, command_line=True)
+        if args.out:
+            check_out_dir(args.out)
         prompts, judge = read_prompts(args.prompts, args.n)
         pair = load_side_by_side(args.path, args.reference)
         rows = pair.complete(prompts, options, judge)
@@ -253,8 +328,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    for row in rows[:8]:
+    if len(prompts) < args.n:
+        print(f"note: --prompts {args.prompts} holds {len(prompts)} prompt{'s' if len(prompts) != 1 else ''}, fewer "
+              f"than --n {args.n}: all of them were generated")
+    for row in rows[:N_PRINTED]:
         print(f"{row['prompt'][-60:]!r}\n  policy:    {row['policy'][:80]!r}\n  reference: {row['reference'][:80]!r}")
+    if len(rows) > N_PRINTED:
+        print(f"(the first {N_PRINTED} of {len(rows)} rows; {os.path.join(out_dir, 'generations.md')} has them all)")
     summary = summarize(rows)
     if summary:
         print(summary)

@@ -106,6 +106,27 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+class AdapterFreeModel(nn.Module):
+    """A LoRA model with its adapters off, as a model of its own: the reference for tools that want two models
+    (`dpo.generate`, `dpo.demo`), sharing every weight with the policy, so that still no copy exists."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.lora_model = model
+
+    @property
+    def config(self):
+        return self.lora_model.config
+
+    def forward(self, *args, **kwargs):
+        with adapters_disabled(self.lora_model) as model:
+            return model(*args, **kwargs)
+
+    def generate(self, **kwargs):
+        with adapters_disabled(self.lora_model) as model:
+            return model.generate(**kwargs)
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The trained adapter weights, under peft's names (what `set_peft_model_state_dict` takes)."""
     from peft.utils import get_peft_model_state_dict

@@ -8,6 +8,9 @@ instead builds a fresh model from a config dict (e.g. the `tiny` model), with no
 from __future__ import annotations
 
 import copy
+import glob
+import os
+import re
 from contextlib import contextmanager
 from typing import Any, Mapping, Optional
 
@@ -117,10 +120,84 @@ def load_model(model_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBa
             config = AutoConfig.from_pretrained(name, cache_dir=cache_dir)
             disable_config_dropout(config)
             auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-            model = auto_class.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=dtype,
-                                               low_cpu_mem_usage=True)
+            with explained_weight_errors("model.name_or_path", name):
+                model = auto_class.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=dtype,
+                                                   low_cpu_mem_usage=True)
     disable_dropout(model)
     return model
+
+
+@contextmanager
+def explained_weight_errors(key: str, name: str):
+    """A weights file that exists but cannot be read (a truncated `model.safetensors`, a `pytorch_model.bin` that
+    `torch.load(weights_only=True)` refuses) as one sentence naming the file, instead of the reader's traceback."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        raise ConfigError(f"could not load {key}={name}: {_weight_file(name, 'safetensors')} is damaged "
+                          f"({_first_line(error)}), as an interrupted copy or download leaves it; save the model "
+                          "again with save_pretrained, or download it again") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
+            raise  # not the file: a bug or the device, whose traceback is wanted
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        reason = (f"it pickles {found.group(1)}, which torch.load(weights_only=True) refuses to run" if found
+                  else f"{_first_line(error)}")
+        raise ConfigError(f"could not load {key}={name}: {_weight_file(name, 'bin')} cannot be read as plain "
+                          f"weights ({reason}); save the model again with save_pretrained (safetensors) from a copy "
+                          "you trust, or download it again") from None
+
+
+def _weight_file(name: str, kind: str) -> str:
+    """The weights file of that kind in a local model directory, or a description of it for a hub name."""
+    patterns = ("model*.safetensors",) if kind == "safetensors" else ("pytorch_model*.bin",)
+    found = sorted(path for pattern in patterns for path in glob.glob(os.path.join(glob.escape(name), pattern)))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        return f"one of {os.path.join(name, patterns[0])}"
+    return f"the cached {'model.safetensors' if kind == 'safetensors' else 'pytorch_model.bin'} of {name}"
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Config attributes that hold the number of positions a model has embeddings for, in the order models use them.
+_CONTEXT_ATTRIBUTES = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def context_length(model: nn.Module) -> tuple[Optional[int], Optional[str]]:
+    """The model's context in tokens and the config attribute that says so; (None, None) when its config has none."""
+    config = getattr(model, "config", None)
+    for attribute in _CONTEXT_ATTRIBUTES:
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, attribute
+    return None, None
+
+
+def has_absolute_positions(model: nn.Module) -> bool:
+    """Whether the model looks positions up in a table (GPT-2's `wpe`, OPT's `embed_positions`), so that a longer
+    sequence is an IndexError, rather than computing them (rotary, ALiBi, T5's relative buckets)."""
+    return any(isinstance(module, nn.Embedding) and (name.endswith("wpe") or "position" in name.rsplit(".", 1)[-1])
+               for name, module in model.named_modules())
+
+
+def check_context_length(config: Mapping[str, Any], model: nn.Module) -> None:
+    """Refuse a `max_length` longer than the position table of a model with absolute positions."""
+    context, attribute = context_length(model)
+    max_length = config.get("max_length")
+    if context is None or not isinstance(max_length, int) or max_length <= context or not has_absolute_positions(model):
+        return
+    raise ConfigError(f"max_length={max_length} is longer than the model's context of {context} tokens "
+                      f"({attribute}={context} in its config), whose position embeddings end there; set max_length "
+                      f"to at most {context} (and max_prompt_length below it)")
 
 
 def disable_config_dropout(config) -> None:
@@ -161,6 +238,7 @@ def load_models(config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, n
                 print(f"loaded model.archive={model_config['archive']} (step {archive.get('step_idx')})")
     else:
         disable_dropout(policy)
+    check_context_length(config, policy)
     if lora_enabled(lora) and not is_lora_model(policy):
         policy = apply_lora(policy, lora)
     if not needs_reference:
