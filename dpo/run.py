@@ -9,6 +9,7 @@ call `run`.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -25,7 +26,7 @@ from dpo.checkpoints import read_archive
 from dpo.config import get_local_dir, validate_config
 from dpo.data import dataset_source
 from dpo.distributed import (Processes, barrier, broadcast_object, check_batch_layout, init_processes,
-                             main_process_first, shutdown)
+                             main_process_first, shutdown, stop_on_signals, stop_signal)
 from dpo.errors import CheckpointError, ConfigError, RunDirError, UserError
 from dpo.lora import lora_enabled
 from dpo.losses import build_loss
@@ -41,15 +42,28 @@ from dpo.trainers import trainer_class
 
 
 def run_from_command_line(config: DictConfig) -> None:
-    """`run`, with errors as one line on stderr and the exit codes a shell expects (1 for errors, 130 for Ctrl-C)."""
+    """`run`, with errors as one line on stderr and the exit codes a shell expects: 1 for errors, 128 + the signal's
+    number for a stop by signal (130 for Ctrl-C, 143 for SIGTERM), which ends the run with its lock released."""
+    stop_on_signals()
     try:
         run(config)
     except KeyboardInterrupt:
-        print(f"error: {interrupted_message(config)}", file=sys.stderr)
-        sys.exit(130)
+        _exit_stopped(config, stop_signal() or signal.SIGINT)
     except UserError as error:
+        if stop_signal():  # e.g. another process stopped first, and this one failed talking to it
+            _exit_stopped(config, stop_signal())
         print(f"error: {_rank_prefix()}{error}", file=sys.stderr)
         sys.exit(1)
+    except BaseException:
+        if stop_signal():  # Terminated, or what a collective raised when the other processes stopped first
+            _exit_stopped(config, stop_signal())
+        raise
+
+
+def _exit_stopped(config: DictConfig, signum: int) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:  # one message for the whole run
+        print(f"error: {interrupted_message(config, signum)}", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 @dataclass
@@ -131,6 +145,8 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
     if train_batches.n_examples == 0:
         raise ConfigError(f"the training data holds fewer examples than batch_size={config.batch_size}, so not "
                           "one full batch (training drops a partial last batch); lower batch_size or add examples")
+    if main and not checkpoint:
+        _note_which_limit_ends_the_run(config, train_batches.n_examples)
     judges = _judges(config, given)
     reference = reference_identity(config, cache_dir, given.reference_model,
                                    digest_weights=bool(config.cache_reference_logps))
@@ -172,11 +188,21 @@ def _train(config: DictConfig, processes: Processes, loss, checkpoint: Optional[
         sink.close()
     if main and not config.debug:
         print(plot_run_quietly(run_dir))
-    if main:
+    if main and eval_batches:
         summary = {k: v for k, v in final_metrics.items()
                    if k.startswith(("rewards_eval/accuracies", "rewards_eval/margins", "loss/eval", "judge_eval/"))}
         print(f"final eval after {trainer.example_counter} examples: {format_metrics(summary)}")
     return final_metrics
+
+
+def _note_which_limit_ends_the_run(config: DictConfig, planned: int) -> None:
+    """With both n_epochs and n_examples set, the first limit reached ends the run: say so when that is n_epochs,
+    which otherwise silently trains on fewer examples than were asked for."""
+    if config.n_epochs is None or config.n_examples is None or planned >= config.n_examples:
+        return
+    epochs = "1 epoch" if config.n_epochs == 1 else f"{config.n_epochs} epochs"
+    print(f"note: n_epochs={config.n_epochs} ends the run after {planned} examples ({epochs} of the training data), "
+          f"before n_examples={config.n_examples}; pass n_epochs=null to train on {config.n_examples} examples")
 
 
 def _dataset_entries(config: DictConfig, given: Given) -> list:
@@ -268,13 +294,14 @@ def write_run_config(config: DictConfig, run_dir: str, show_config: bool = True)
         raise RunDirError(f"cannot write {run_dir}/config.yaml: {describe_os_error(error)}") from None
 
 
-def interrupted_message(config: DictConfig) -> str:
-    """What a Ctrl-C left behind: the newest complete checkpoint of the run, if any."""
+def interrupted_message(config: DictConfig, signum: int = signal.SIGINT) -> str:
+    """What a Ctrl-C (or another stop signal) left behind: the newest complete checkpoint of the run, if any."""
     run_dir = OmegaConf.select(config, "local_run_dir", throw_on_resolution_failure=False)
     checkpoint = newest_checkpoint(run_dir) if isinstance(run_dir, str) else None
+    stopped = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     if checkpoint is None:
-        return "interrupted; no checkpoint was written"
-    return f"interrupted; the last complete checkpoint is {checkpoint}; continue with resume={run_dir}"
+        return f"{stopped}; no checkpoint was written"
+    return f"{stopped}; the last complete checkpoint is {checkpoint}; continue with resume={run_dir}"
 
 
 def _rank_prefix() -> str:

@@ -1,6 +1,7 @@
 """`python train.py` with a command line Hydra cannot compose: one line naming the key or option, the closest
 one that exists and what exists, exit code 1, and nothing written."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,18 @@ def test_resuming_with_a_setting_of_the_runs_loss_says_the_run_keeps_its_config(
 def test_hydra_flags_still_reach_hydra():
     finished = train("loss=dpo", "loss.beta=0.1", "--cfg", "job")
     assert finished.returncode == 0 and "beta: 0.1" in finished.stdout
+
+
+def test_n_epochs_ending_the_run_before_n_examples_is_said_once(tmp_path):
+    rows = [{"prompt": f"\n\nHuman: reverse w{i}\n\nAssistant:", "chosen": f" {i}w", "rejected": f" w{i}"}
+            for i in range(8)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    test = tmp_path / "pairs_test.jsonl"
+    finished = train("loss=sft", f"datasets=[{data}]", "n_epochs=1", "n_examples=16", "batch_size=4", "n_eval_examples=0",
+                     "wandb.enabled=false", "sample_during_eval=false", f"local_run_dir={tmp_path / 'run'}")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    notes = [line for line in finished.stdout.splitlines() if line.startswith("note: n_epochs=")]
+    assert notes == ["note: n_epochs=1 ends the run after 4 examples (1 epoch of the training data), before "
+                     "n_examples=16; pass n_epochs=null to train on 16 examples"], finished.stdout[-2000:]
+    assert not test.exists()
