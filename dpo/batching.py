@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dpo.data import RENDERED, DatasetEntry, SplitData, dataset_source, describe_skips, load_source
-from dpo.errors import DataError
+from dpo.data.tokens import vocabulary_problem
+from dpo.errors import ConfigError, DataError
 from dpo.logps import IGNORE_INDEX
 
 
@@ -105,6 +106,45 @@ def _pad(sequences: list[list[int]], pad_value: int, left: bool) -> torch.Tensor
     return padded
 
 
+class TruncatedTies:
+    """Which pairs `tokenize_batch_element` would make identical: chosen and rejected the same ids once truncated.
+
+    Two responses that differ only after their first `max_length - max_prompt_length` tokens are cut
+    to the same tokens: such a pair gives no gradient and counts as wrong in reward accuracy. Only
+    pairs whose texts share a long enough start are tokenized to find out: the first B tokens cover
+    at least B bytes, so at least B/4 characters, of each response. Characters the tokenizer does not
+    know all become its one unknown token, so they count as one character here.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.shortest_shared_start = max(0, (max_length - max_prompt_length) // 4 - 1)
+
+    def __call__(self, truncation_mode: str, unknown_characters: frozenset):
+        unknown = {ord(character): "\0" for character in unknown_characters}
+
+        def same_once_truncated(prompt: str, chosen: str, rejected: str) -> bool:
+            if shared_start(chosen.translate(unknown), rejected.translate(unknown)) < self.shortest_shared_start:
+                return False
+            element = tokenize_batch_element(prompt, chosen, rejected, truncation_mode, self.tokenizer,
+                                             self.max_length, self.max_prompt_length, eos_allowed=True)
+            return element["chosen_labels"] == element["rejected_labels"]
+
+        return same_once_truncated
+
+
+def shared_start(first: str, second: str) -> int:
+    """How many characters `first` and `second` share at their start."""
+    n = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 @dataclass(frozen=True)
 class Example:
     """One prompt of one dataset, with all that batching needs to tokenize its pairs or its SFT target."""
@@ -137,18 +177,25 @@ class BatchPlan:
 
 
 def flatten_examples(names: list[DatasetEntry], split: str, tokenizer: PreTrainedTokenizerBase,
-                     sft_mode: bool = False, silent: bool = False, cache_dir: Optional[str] = None) -> list[Example]:
+                     sft_mode: bool = False, silent: bool = False, cache_dir: Optional[str] = None,
+                     max_length: Optional[int] = None, max_prompt_length: Optional[int] = None) -> list[Example]:
     """All examples of `names`' `split`, checked up front against `tokenizer`.
 
     `names` are `datasets=[...]` entries: names, paths, mappings or source objects (`dataset_source`);
     each example carries its source's short `name` as its dataset label. The tokenizer's chat template
     renders chat rows. Checking here, before the first step, stops a bad run at once rather than hours
-    in: the EOS text in the data, pairs the tokenizer cannot tell apart, and a preference loss with no pairs.
+    in: a tokenizer with no vocabulary, the EOS text in the data, pairs the tokenizer cannot tell apart
+    (with `max_length` and `max_prompt_length`, also once truncated), and a preference loss with no pairs.
     """
+    problem = vocabulary_problem(tokenizer)
+    if problem is not None:
+        raise ConfigError(problem)
+    ties = TruncatedTies(tokenizer, max_length, max_prompt_length) if max_length and max_prompt_length else None
     examples = []
     for entry in names:
         source = dataset_source(entry, tokenizer)
-        loaded = load_source(source, split, silent=silent, cache_dir=cache_dir, tokenizer=tokenizer)
+        loaded = load_source(source, split, silent=silent, cache_dir=cache_dir, tokenizer=tokenizer,
+                             truncated_tie=ties)
         if not sft_mode:
             _check_has_pairs(source.name, split, loaded)
         for prompt, example in loaded.data.items():
@@ -198,7 +245,8 @@ def get_batch_iterator(names: list[DatasetEntry], tokenizer: PreTrainedTokenizer
     if n_epochs is None and n_examples is None:
         raise ValueError("get_batch_iterator needs n_epochs or n_examples")
     # Load and check all data now, so that bad data stops the run before any model is loaded.
-    examples = flatten_examples(names, split, tokenizer, sft_mode=sft_mode, silent=silent, cache_dir=cache_dir)
+    examples = flatten_examples(names, split, tokenizer, sft_mode=sft_mode, silent=silent, cache_dir=cache_dir,
+                                max_length=max_length, max_prompt_length=max_prompt_length)
     plan = BatchPlan(batch_size, shuffle, max_length, max_prompt_length, sft_mode, n_epochs, n_examples, seed,
                      drop_last, start_batch, dp_rank, dp_size)
     labels = list(dict.fromkeys(example.dataset for example in examples))

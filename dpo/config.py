@@ -165,6 +165,12 @@ def validate_config(config: DictConfig, check_datasets: bool = True) -> None:
     _check_trainer(config.trainer)
     torch_dtype(config.model.policy_dtype, "model.policy_dtype")
     torch_dtype(config.model.reference_dtype, "model.reference_dtype")
+    if not isinstance(config.model.get("string_prompts_as_chat", False), bool):  # absent in older runs' configs
+        raise ConfigError(f"model.string_prompts_as_chat must be true or false, got "
+                          f"{config.model.string_prompts_as_chat!r}")
+    if not isinstance(config.model.get("chat_template") or "", str):
+        raise ConfigError("model.chat_template must be a file path or a Jinja template string (quote it on the "
+                          "command line), or null")
     if not config.model.name_or_path and not config.model.get("from_config"):
         raise ConfigError("model.name_or_path is required: a hub name or local directory "
                           "(or choose a model config, e.g. model=pythia28 or model=tiny)")

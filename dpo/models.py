@@ -55,8 +55,14 @@ def build_char_tokenizer() -> PreTrainedTokenizerBase:
 def load_tokenizer(model_config: Mapping[str, Any], cache_dir: Optional[str] = None) -> PreTrainedTokenizerBase:
     """The tokenizer named by `model.tokenizer_name_or_path` (default: `model.name_or_path`).
 
-    As in the reference, a tokenizer without a pad token pads with EOS.
+    As in the reference, a tokenizer without a pad token pads with EOS. `model.chat_template` (a file,
+    or the template itself) replaces its chat template; `model.string_prompts_as_chat` has string
+    prompts rendered with that template too (`dpo.data.chat`). A tokenizer with no vocabulary is refused.
     """
+    # here: dpo.data's sources may import this module
+    from dpo.data.chat import check_chat_template, read_chat_template, set_string_prompts_as_chat
+    from dpo.data.tokens import vocabulary_problem
+
     name = model_config.get("tokenizer_name_or_path") or model_config.get("name_or_path")
     if name == CHAR_TOKENIZER:
         tokenizer = build_char_tokenizer()
@@ -70,8 +76,15 @@ def load_tokenizer(model_config: Mapping[str, Any], cache_dir: Optional[str] = N
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {name} has no EOS token, which DPO appends to every response; "
                           "choose a tokenizer with one")
+    problem = vocabulary_problem(tokenizer)
+    if problem is not None:
+        raise ConfigError(problem)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
+    if model_config.get("chat_template"):
+        tokenizer.chat_template = read_chat_template(str(model_config["chat_template"]))
+        check_chat_template(tokenizer)
+    set_string_prompts_as_chat(tokenizer, bool(model_config.get("string_prompts_as_chat")))
     return tokenizer
 
 

@@ -473,15 +473,17 @@ def test_error_for_unsupported_suffix(tmp_path):
     assert load_error(path) == f"{path} has an unsupported suffix; use .jsonl, .json or .parquet, optionally followed by .gz"
 
 
-def test_error_for_directory_without_a_test_file(tmp_path):
-    fx.write_jsonl(tmp_path / "train.jsonl", fx.pair_rows(3))
-    fx.write_text(tmp_path / "test.csv", "x")
-    assert load_error(tmp_path) == (
-        f"directory {tmp_path} has no test file (it holds: test.csv, train.jsonl); add one such as test.jsonl or "
-        "dpo_eval.jsonl: accepted names are test, eval, evaluation, validation, valid, val or dev, alone or after a "
-        "prefix ending in _, - or ., then optionally a shard number like -00000-of-00003, then .jsonl, .json or "
-        ".parquet, optionally followed by .gz, in the directory or its data/ subfolder"
-    )
+def test_directory_without_a_test_file_holds_out_prompts_as_a_single_file_does(tmp_path, capsys):
+    rows = fx.pair_rows(40)
+    fx.write_jsonl(tmp_path / "train.jsonl", rows)
+    fx.write_text(tmp_path / "test.csv", "x")  # not a data file: never read
+    (tmp_path / "single").mkdir()
+    single = str(fx.write_jsonl(tmp_path / "single" / "all.jsonl", rows))
+    for split in ("train", "test"):
+        assert get_dataset(str(tmp_path), split) == get_dataset(single, split, silent=True)
+    assert len(get_dataset(str(tmp_path), "test", silent=True)) == 2  # 5% of 40 prompts
+    assert (f"dataset {tmp_path}: train <- train.jsonl less the 5% of its prompts held out for test; "
+            "test <- 5% of train.jsonl's prompts (chosen by hash)") in capsys.readouterr().out
 
 
 def test_error_for_empty_directory(tmp_path):
@@ -533,18 +535,18 @@ def test_error_for_row_missing_a_field(tmp_path):
     )
 
 
-@pytest.mark.parametrize("name, row, fields", [
-    ("openai_preferences.jsonl", fx.OPENAI_PREFERENCE_ROW, "input, preferred_output, non_preferred_output"),
-    ("stack-exchange-paired.parquet", fx.STACK_EXCHANGE_PAIRED_ROW,
-     "qid, question, date, metadata, response_j, response_k"),
-])
-def test_error_for_rows_of_another_schema_names_both_accepted_formats(tmp_path, name, row, fields):
+@pytest.mark.parametrize("name", ["ratings.jsonl", "ratings.parquet"])
+def test_error_for_columns_of_no_known_layout_proposes_a_columns_mapping(tmp_path, name):
+    """OpenAI's and stack-exchange-paired's layouts are read now (tests/test_data_layouts.py); these columns are not."""
+    row = {"id": 7, "query": "How do I reverse a list?", "good_answer": "items[::-1]", "bad_answer": "items.sort()"}
     path = write_rows(tmp_path / name, [row, row])
-    where = f"{path} line 1" if name.endswith(".jsonl") else f"{path} row 1"
     assert load_error(path) == (
-        f"{where} fits neither accepted row format (its fields are: {fields}); give each row the strings "
-        '{"prompt": "...", "chosen": "...", "rejected": "..."}, or HH transcripts in \'chosen\' and \'rejected\' '
-        "(whole '\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues), renaming your fields to one of these"
+        f"{path} fits no layout read here (its columns: id, query, good_answer, bad_answer); give each row the "
+        'strings {"prompt": "...", "chosen": "...", "rejected": "..."} (or question/instruction for prompt, and '
+        'system), chosen and rejected as chat messages ({"role": "user"|"assistant"|"system", "content": "..."} '
+        "lists, or ShareGPT conversations), or HH transcripts, or name your columns, e.g. "
+        f"'datasets=[{{path: {path}, columns: {{prompt: query, chosen: good_answer, rejected: bad_answer}}}}]' "
+        "with the preferred response's column as chosen"
     )
 
 

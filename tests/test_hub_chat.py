@@ -133,7 +133,8 @@ def test_split_and_test_split_choose_the_datasets_splits(tmp_path, char):
     entry = {"path": path, "split": "train_prefs", "test_split": "test_prefs"}
     assert set(load(entry, char)) == {hh(f"say {w}") for w in WORDS[:5]}
     assert set(load(entry, char, "test")) == {hh(f"say {w}") for w in WORDS[5:7]}
-    assert set(load({"path": path, "split": "train_prefs"}, char, "test")) == {hh("say twice")}  # test by default
+    # by default the train split's partner, not the split named test
+    assert set(load({"path": path, "split": "train_prefs"}, char, "test")) == {hh(f"say {w}") for w in WORDS[5:7]}
     assert dataset_source(entry).name == "prefs:train_prefs"
 
 
@@ -319,7 +320,7 @@ def test_chat_rows_need_a_tokenizer_with_a_chat_template(tmp_path):
     message = load_error(entry, AutoTokenizer.from_pretrained(str(GPT2)))
     assert message.startswith("dataset chat holds chat rows (lists of messages, e.g. row 1 of chat (train)), but "
                               f"tokenizer {GPT2} has no chat template to render them; choose a tokenizer that has one")
-    assert message.endswith("or set tokenizer.chat_template")
+    assert message.endswith("or set model.chat_template to a template file or string")
 
 
 @pytest.mark.parametrize("entry, message", [

@@ -10,8 +10,8 @@ rendered with the tokenizer's chat template (`dpo.data.chat`).
 
 Every source's output passes through `clean_pairs`, which applies the rules that hold for all
 data (see the README, "Data rules"): pairs with an empty prompt, an empty response or with
-chosen == rejected (as text, or as tokens when a tokenizer is given) are skipped, counted and
-reported once.
+chosen == rejected (as text, or as tokens when a tokenizer is given, or as tokens after truncation
+when the batching's lengths are given) are skipped, counted and reported once.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ EMPTY_PROMPT_SFT = "SFT targets with an empty prompt"
 EMPTY_RESPONSE = "pairs with an empty response"
 SAME_TEXT = "pairs with chosen == rejected"
 SAME_TOKENS = "pairs with chosen == rejected once tokenized"
+SAME_TRUNCATED = "pairs with chosen == rejected once truncated to max_length"
 NOTHING_LEFT = "prompts with no usable pair or SFT target"
 
 
@@ -137,6 +138,10 @@ def dataset_source(entry: DatasetEntry, tokenizer=None) -> PreferenceSource:
     if named is not None:
         return MappedDatasetSource(named.entry, tokenizer, label=entry, where=named.path)
     if is_local_path(entry):
+        from dpo.data.hub import is_saved_to_disk
+
+        if is_saved_to_disk(os.path.expanduser(entry)):  # read as {path: entry} is
+            return MappedDatasetSource({"path": entry}, tokenizer, label=entry)
         return LocalPreferenceFiles(entry, tokenizer)
     raise DataError(
         f"unknown dataset '{entry}' in datasets=[...]: valid names are {', '.join(dataset_names())}, the entries of "
@@ -155,12 +160,19 @@ def get_dataset(name: DatasetEntry, split: str, silent: bool = False, cache_dir:
     return load_source(source, split, silent=silent, cache_dir=cache_dir, tokenizer=tokenizer).data
 
 
+# Whether a pair's two responses are the same tokens once cut to the batches' lengths:
+# (truncation mode, characters the tokenizer does not know) -> (prompt, chosen, rejected) -> bool.
+TruncatedTie = Callable[[str, frozenset], Callable[[str, str, str], bool]]
+
+
 def load_source(source: PreferenceSource, split: str, silent: bool = False, cache_dir: Optional[str] = None,
-                tokenizer=None) -> SplitData:
+                tokenizer=None, truncated_tie: Optional[TruncatedTie] = None) -> SplitData:
     """`source.load_split(split)` cleaned by `clean_pairs`; every skip is counted in `source.skipped` and printed once.
 
     With a `tokenizer` that emits an unknown token, pairs whose responses it cannot tell apart are
     skipped too, and a warning says when much of the text is unknown to it (see `dpo.data.tokens`).
+    With `truncated_tie` (see `dpo.batching.TruncatedTies`), so are pairs whose responses become the
+    same tokens once truncated: they give no gradient and count as wrong in reward accuracy.
     """
     source.skipped.clear()
     loaded = source.load_split(split, silent=silent, cache_dir=cache_dir)
@@ -170,7 +182,9 @@ def load_source(source: PreferenceSource, split: str, silent: bool = False, cach
         # Printed even when silent: a run on text its tokenizer cannot read learns nothing, however quiet.
         print(f"warning: {unknown_token_warning(label, tokenizer, tokens.unknown_share)}")
     same_tokens = tokens.same_tokens if tokens is not None else None
-    data = clean_pairs(loaded.data, source.skipped, same_tokens)
+    unknown = frozenset(tokens.unknown_characters) if tokens is not None else frozenset()
+    same_truncated = truncated_tie(loaded.truncation_mode, unknown) if truncated_tie is not None else None
+    data = clean_pairs(loaded.data, source.skipped, same_tokens, same_truncated)
     if not silent and source.skipped:
         n_pairs = sum(len(example["pairs"]) for example in data.values())
         print(f"{label}: kept {n_pairs} pairs over {len(data)} prompts; skipped {describe_skips(source.skipped)}")
@@ -192,14 +206,16 @@ def no_usable_examples(label: str, skipped: Counter) -> DataError:
 
 
 def clean_pairs(data: PreferenceData, skipped: Counter,
-                same_tokens: Optional[Callable[[str, str], bool]] = None) -> PreferenceData:
+                same_tokens: Optional[Callable[[str, str], bool]] = None,
+                same_truncated: Optional[Callable[[str, str, str], bool]] = None) -> PreferenceData:
     """Drop pairs that carry no usable preference; keep prompts that still have a pair or an SFT target.
 
     A prompt that is empty (or all whitespace) loses its pairs and SFT target: generation would
     have nothing to continue. A pair is dropped when either response is empty (the model would be
     trained to emit EOS at once) or both responses are the same text, or, when `same_tokens` says
     so, the same tokens (the DPO gradient is zero and the pair would count as a wrong prediction
-    in reward accuracy). `skipped` gains one count per reason.
+    in reward accuracy), or, when `same_truncated(prompt, chosen, rejected)` says so, the same tokens
+    once truncated. `skipped` gains one count per reason.
     """
     cleaned: PreferenceData = {}
     for prompt, example in data.items():
@@ -207,7 +223,10 @@ def clean_pairs(data: PreferenceData, skipped: Counter,
             count_empty_prompt(example, skipped)
             continue
         responses = example["responses"]
-        pairs = [tuple(pair) for pair in example["pairs"] if is_usable_pair(responses, pair, skipped, same_tokens)]
+        tie = (lambda chosen, rejected, prompt=prompt: same_truncated(prompt, chosen, rejected)) \
+            if same_truncated is not None else None
+        pairs = [tuple(pair) for pair in example["pairs"]
+                 if is_usable_pair(responses, pair, skipped, same_tokens, tie)]
         sft_target = example.get("sft_target", "")
         if not sft_target.strip():
             sft_target = ""
@@ -219,7 +238,8 @@ def clean_pairs(data: PreferenceData, skipped: Counter,
 
 
 def is_usable_pair(responses: list[str], pair: tuple[int, int], skipped: Counter,
-                   same_tokens: Optional[Callable[[str, str], bool]]) -> bool:
+                   same_tokens: Optional[Callable[[str, str], bool]],
+                   same_truncated: Optional[Callable[[str, str], bool]] = None) -> bool:
     """Whether a pair carries a preference; if not, count why in `skipped`."""
     chosen, rejected = responses[pair[0]], responses[pair[1]]
     if not chosen.strip() or not rejected.strip():
@@ -228,6 +248,8 @@ def is_usable_pair(responses: list[str], pair: tuple[int, int], skipped: Counter
         reason = SAME_TEXT
     elif same_tokens is not None and same_tokens(chosen, rejected):
         reason = SAME_TOKENS
+    elif same_truncated is not None and same_truncated(chosen, rejected):
+        reason = SAME_TRUNCATED
     else:
         return True
     skipped[reason] += 1

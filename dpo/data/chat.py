@@ -1,9 +1,13 @@
 """Chat (conversational) preference rows, rendered to text with the tokenizer's chat template.
 
 A chat row holds `chosen` and `rejected` as lists of messages: `{"role", "content"}` (the Hub's
-and TRL's form) or ShareGPT `{"from", "value"}` turns (from: human/user, gpt/assistant, system).
-A single message object counts as a list of one, and a plain string as one assistant message
-(one user message when it is the prompt). The prompt is
+and TRL's form) or ShareGPT `{"from", "value"}` turns (from: human/user, gpt/assistant/model,
+system). A single message object counts as a list of one, a plain string as one assistant message
+(one user message when it is the prompt), and OpenAI's `{"messages": [...]}` object as its messages.
+A message's content is a string or a list of parts (`[{"type": "text", "text"|"value": ...}]`, the
+OpenAI and LLaMA-Factory form), whose text parts are joined as chat templates join them (with no
+separator); an image, audio or file part is refused. A row's `system` text, when its prompt does not
+open with a system turn already, becomes the prompt's first (system) message. The prompt is
 - the row's `prompt` (a string or messages) when it has one; when the prompt's messages also open
   chosen and rejected (as in HuggingFaceH4/ultrafeedback_binarized) they are cut from them; or
 - the longest run of leading turns chosen and rejected share, shortened to end on a user or system
@@ -13,15 +17,22 @@ Each response (the turns after the prompt) must end with an assistant turn.
 Rendering follows the tokenizer's template: the prompt text is the prompt messages rendered with
 the generation prompt; a response's text is what rendering prompt + response adds after it, less a
 trailing EOS text, because the pipeline appends EOS to every response itself.
+
+Rows of plain strings (`prompt`, `chosen`, `rejected`, optionally `system`) are used as written by
+default, as the reference does, with the system text put before the prompt as an HH transcript
+writes it (`system + "\n\nHuman: ..."`). With `model.string_prompts_as_chat=true` (for instruct
+models) they are rendered like chat rows instead: the prompt as a user turn (after the system turn),
+each response as an assistant turn.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from dpo.errors import DataError
+from dpo.errors import ConfigError, DataError
 
 # The built-in `char` tokenizer's template: Anthropic HH transcripts, as the hh and toy data are
 # written ("\n\nHuman: hi\n\nAssistant: hello"), with system text at the start and no EOS.
@@ -35,10 +46,16 @@ CHAR_CHAT_TEMPLATE = (
 )
 
 CHAT_FIELDS = ("prompt", "chosen", "rejected")
-# Message roles as the templates know them, keyed by what datasets write (ShareGPT says human and gpt).
-ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+# Message roles as the templates know them, keyed by what datasets write (ShareGPT says human and gpt,
+# Gemini's data says model).
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
+         "chatgpt": "assistant", "system": "system"}
 VALID_ROLES = "user, assistant or system (ShareGPT: human, gpt or system)"
 MESSAGE_EXAMPLE = '{"role": "user", "content": "..."} (or ShareGPT {"from": "human", "value": "..."})'
+# The types of the parts of a message's content that hold text (OpenAI's chat and Responses forms).
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
+# Where `load_tokenizer` records `model.string_prompts_as_chat` on the tokenizer, which the data pipeline receives.
+STRINGS_AS_CHAT_ATTRIBUTE = "dpo_string_prompts_as_chat"
 
 Message = dict[str, str]
 
@@ -57,12 +74,68 @@ def is_chat_row(row: dict) -> bool:
     return any(isinstance(row.get(field), (list, dict)) for field in CHAT_FIELDS)
 
 
+def set_string_prompts_as_chat(tokenizer, enabled: bool) -> None:
+    """Have string rows rendered with `tokenizer`'s chat template (`model.string_prompts_as_chat`)."""
+    setattr(tokenizer, STRINGS_AS_CHAT_ATTRIBUTE, bool(enabled))
+
+
+def read_chat_template(value: str) -> str:
+    """`model.chat_template`: the Jinja template in the file it names, or the template itself."""
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    if "{{" not in value and "{%" not in value:
+        raise ConfigError(f"model.chat_template={value} is neither a file nor a Jinja template (no {{{{ or {{% in "
+                          "it); give the path of a template file, or the template itself")
+    return value
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Render a two-turn conversation with the template, so that a broken one stops the run before any data."""
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                                      tokenize=False)
+    except Exception as error:  # Jinja syntax and template errors come in many types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model.chat_template cannot render a user and an assistant turn ({reason}); fix the "
+                          "template") from None
+
+
+def string_prompts_as_chat(tokenizer) -> bool:
+    return bool(getattr(tokenizer, STRINGS_AS_CHAT_ATTRIBUTE, False)) if tokenizer is not None else False
+
+
+def with_system_text(system: Optional[str], prompt: str) -> str:
+    """A string prompt with the row's system text before it, as an HH transcript holds it.
+
+    `"Be brief."` and `"\n\nHuman: hi\n\nAssistant:"` give `"Be brief.\n\nHuman: hi\n\nAssistant:"`
+    (the char template's form); a prompt that does not open with a blank line gets one in between. An
+    empty prompt stays empty, so that the pair is skipped as one with an empty prompt.
+    """
+    if not system or not system.strip() or not prompt.strip():
+        return prompt
+    return system + prompt if prompt.startswith("\n\n") else system + "\n\n" + prompt
+
+
+def system_text(where: str, row: dict) -> Optional[str]:
+    """The row's `system` text, or None when it has none (a missing or null column)."""
+    system = row.get("system")
+    if system is None or isinstance(system, str):
+        return system
+    raise DataError(f"{where} field 'system' is {type(system).__name__}, not text; give the system prompt as one "
+                    "string")
+
+
 # ---- messages ---------------------------------------------------------------------------------
 
 def as_messages(where: str, field: str, value: Any, text_role: str) -> list[Message]:
     """A field's messages, normalised to `{"role", "content"}`; plain text becomes one `text_role` message."""
     if isinstance(value, str):
         return [{"role": text_role, "content": value}]
+    if isinstance(value, dict) and isinstance(value.get("messages"), list) and value.get("role") is None \
+            and value.get("from") is None:
+        value = value["messages"]  # OpenAI's preference data: {"input": {"messages": [...], "tools": [...]}}
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -88,10 +161,36 @@ def as_message(where: str, field: str, number: int, message: Any) -> Message:
     if not isinstance(role, str) or role.lower() not in ROLES:
         raise DataError(f"{where} field '{field}' message {number} has the unknown role {role!r}; use "
                         f"{VALID_ROLES}")
-    if not isinstance(content, str):
-        raise DataError(f"{where} field '{field}' message {number} has {type(content).__name__} content, not "
-                        "text; give each message's content as one string")
-    return {"role": ROLES[role.lower()], "content": content}
+    return {"role": ROLES[role.lower()], "content": content_text(f"{where} field '{field}' message {number}",
+                                                                 content)}
+
+
+def content_text(where: str, content: Any) -> str:
+    """A message's content as one string: itself, or its text parts joined (chat templates join them so)."""
+    if isinstance(content, str):
+        return content
+    parts = [content] if isinstance(content, dict) else content
+    if not isinstance(parts, list):
+        raise DataError(f"{where} has {type(content).__name__} content, not text; give each message's content as "
+                        'one string or a list of parts like [{"type": "text", "text": "..."}]')
+    texts = []
+    for number, part in enumerate(parts, start=1):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise DataError(f"{where} has a content part {number} that is {type(part).__name__}, not an object; "
+                            'give parts like {"type": "text", "text": "..."}')
+        kind = part.get("type") or "text"
+        if kind not in TEXT_PART_TYPES:
+            raise DataError(f"{where} has a content part of type {kind!r}, but only text can be trained on here (the "
+                            f"models are text-only); remove the row or its {kind} parts")
+        text = part.get("text") if part.get("text") is not None else part.get("value")
+        if not isinstance(text, str):
+            raise DataError(f"{where} has a text part {number} without a 'text' (or 'value') string; give parts "
+                            'like {"type": "text", "text": "..."}')
+        texts.append(text)
+    return "".join(texts)
 
 
 # ---- prompt and responses ---------------------------------------------------------------------
@@ -107,10 +206,18 @@ def split_conversation(where: str, row: dict) -> Conversation:
         prompt = []
     else:
         prompt = as_messages(where, "prompt", prompt_value, "user")
-    conversation = Conversation(prompt, without_prefix(chosen, prompt), without_prefix(rejected, prompt))
+    conversation = Conversation(with_system_turn(system_text(where, row), prompt),
+                                without_prefix(chosen, prompt), without_prefix(rejected, prompt))
     check_response(where, "chosen", conversation.chosen)
     check_response(where, "rejected", conversation.rejected)
     return conversation
+
+
+def with_system_turn(system: Optional[str], prompt: list[Message]) -> list[Message]:
+    """The prompt opened by a system turn of `system` text, unless it has one already (or is empty)."""
+    if not system or not system.strip() or not prompt or prompt[0]["role"] == "system":
+        return prompt
+    return [{"role": "system", "content": system}, *prompt]
 
 
 def shared_prompt(chosen: list[Message], rejected: list[Message]) -> list[Message]:
@@ -169,11 +276,25 @@ class ChatRenderer:
     """Renders the chat rows of one dataset to (prompt, chosen, rejected) texts with a tokenizer's chat template.
 
     The tokenizer is checked at the first chat row, so that data without chat rows needs no template.
+    String rows are rendered too when the tokenizer says so (`model.string_prompts_as_chat`).
     """
 
     def __init__(self, tokenizer, dataset: str) -> None:
         self.tokenizer = tokenizer
         self.dataset = dataset
+
+    @property
+    def strings_as_chat(self) -> bool:
+        return string_prompts_as_chat(self.tokenizer)
+
+    def pair_texts(self, where: str, row: dict) -> tuple[str, str, str, bool]:
+        """A checked pair or chat row as (prompt, chosen, rejected) texts, and whether the chat template wrote them.
+
+        String rows are used as written, the system text before the prompt, unless `strings_as_chat`.
+        """
+        if is_chat_row(row) or self.strings_as_chat:
+            return (*self.texts(where, row), True)
+        return with_system_text(system_text(where, row), row["prompt"]), row["chosen"], row["rejected"], False
 
     def texts(self, where: str, row: dict) -> tuple[str, str, str]:
         self.check_template(where)
@@ -210,10 +331,12 @@ class ChatRenderer:
                             "a tokenizer's chat template renders to text, but no tokenizer was given; load it with "
                             "a tokenizer that has a chat template")
         if not getattr(self.tokenizer, "chat_template", None):
-            raise DataError(f"dataset {self.dataset} holds chat rows (lists of messages, e.g. {where}), but "
+            what = ("string rows to render as chat (model.string_prompts_as_chat=true" if self.strings_as_chat
+                    else "chat rows (lists of messages")
+            raise DataError(f"dataset {self.dataset} holds {what}, e.g. {where}), but "
                             f"tokenizer {self.tokenizer_name} has no chat template to render them; choose a "
                             "tokenizer that has one (e.g. an -Instruct or -chat model's, or the built-in char), "
-                            "or set tokenizer.chat_template")
+                            "or set model.chat_template to a template file or string")
 
     @property
     def tokenizer_name(self) -> str:

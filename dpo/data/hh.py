@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Iterable, Optional
 
 from dpo.data import PreferenceData, PreferenceSource, add_pair, load_hub_dataset, register_dataset
+from dpo.data.chat import system_text, with_system_text
 from dpo.errors import DataError
 
 ASSISTANT_TAG = "\n\nAssistant:"
@@ -48,7 +49,8 @@ def hh_rows_to_data(rows: Iterable[tuple[str, dict]], skipped: Counter) -> Prefe
     "data.jsonl line 17"). A row whose rejected transcript does not start with the chosen
     transcript's prompt is skipped and counted: slicing it as the reference does would pair the
     chosen reply with a fragment of a different conversation. Empty and identical responses are
-    kept here; `clean_pairs` drops and counts them for every source alike.
+    kept here; `clean_pairs` drops and counts them for every source alike. A row's `system` text,
+    if any, opens its prompt, as the char chat template writes a system turn.
     """
     data: PreferenceData = {}
     for where, row in rows:
@@ -56,7 +58,8 @@ def hh_rows_to_data(rows: Iterable[tuple[str, dict]], skipped: Counter) -> Prefe
         if not row["rejected"].startswith(prompt):
             skipped["rows whose rejected transcript has a different prompt"] += 1
             continue
-        add_pair(data, prompt, row["chosen"][len(prompt):], row["rejected"][len(prompt):])
+        add_pair(data, with_system_text(system_text(where, row), prompt), row["chosen"][len(prompt):],
+                 row["rejected"][len(prompt):])
     return data
 
 

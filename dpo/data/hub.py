@@ -9,9 +9,15 @@ An entry is a mapping (on the command line `'datasets=[{path: my/dataset, split:
 - `split`: the split to train on (default `train`);
 - `test_split`: the split to evaluate on; by default `test` when the dataset has one, else a held-out
   5% of the train split's prompts (chosen by prompt hash, as for a single local file);
-- `columns`: our field names (prompt, chosen, rejected) mapped to the dataset's column names; a field
-  not mapped is read from the column of its own name, and `prompt` may be absent (HH transcripts, or
-  chat rows whose shared leading turns are the prompt).
+- `columns`: our field names (prompt, chosen, rejected, system) mapped to the dataset's column names; a
+  field not mapped is read from the column of its own name or of a name other projects use for it
+  (`dpo.data.local.COLUMN_NAMES`: question, instruction, conversations, response_j, ...), and `prompt`
+  may be absent (HH transcripts, or chat rows whose shared leading turns are the prompt).
+
+Without `split`, the `train` split is read, or, in a dataset without one, its one Hub-style train split
+(`train_prefs`, `train_sft`; among several, the preference one). Without `test_split`, the train
+split's partner is evaluated on: `test` (or `validation`, `eval`, ...) for `train`, `test_prefs` for
+`train_prefs`; only a dataset with none holds out 5% of the train split's prompts.
 
 Rows then follow the local files' formats (`dpo.data.local`): prompt/chosen/rejected strings, HH
 transcripts, or chat messages. A named entry, `datasets=[ultrafeedback_binarized]`, is such a mapping
@@ -29,12 +35,13 @@ from typing import Any, Callable, Optional
 
 from dpo.data import PreferenceData, PreferenceSource, SplitData, is_local_path, load_hub_dataset
 from dpo.data.chat import ChatRenderer
-from dpo.data.local import (SPLITS, TEST_PERCENT, LocatedRow, check_rows, data_suffix, read_rows, report_layout,
-                            rows_of_split, rows_to_split_data)
+from dpo.data.local import (SPLIT_WORDS, SPLITS, TEST_PERCENT, WORD_SEPARATORS, LocatedRow, check_rows, data_suffix,
+                            preferred_rest, read_rows, recognised_columns, renamed_row, report_layout, rows_of_split,
+                            rows_to_split_data, split_name, unknown_layout)
 from dpo.errors import DataError
 
 ENTRY_KEYS = ("path", "name", "split", "test_split", "columns")
-FIELDS = ("prompt", "chosen", "rejected")
+FIELDS = ("prompt", "chosen", "rejected", "system")
 REQUIRED_FIELDS = ("chosen", "rejected")
 DEFAULT_SPLIT = "train"
 DEFAULT_TEST_SPLIT = "test"
@@ -56,6 +63,7 @@ class MappedEntry:
     split: str = DEFAULT_SPLIT
     test_split: Optional[str] = None
     columns: dict[str, str] = field(default_factory=dict)
+    split_given: bool = False  # without one, a dataset with no `train` split may train on `train_prefs`
 
     @property
     def label(self) -> str:
@@ -82,7 +90,8 @@ def parse_entry(entry: Mapping, where: str) -> MappedEntry:
     if entry.get("test_split") == split:
         raise DataError(f"{where} evaluates on its training split '{split}'; set test_split to another split, "
                         "or leave it out to hold out part of the training split")
-    return MappedEntry(path, entry.get("name"), split, entry.get("test_split"), parse_columns(entry, where))
+    return MappedEntry(path, entry.get("name"), split, entry.get("test_split"), parse_columns(entry, where),
+                       split_given=entry.get("split") is not None)
 
 
 def parse_columns(entry: Mapping, where: str) -> dict[str, str]:
@@ -264,15 +273,27 @@ class MappedDatasetSource(PreferenceSource):
 
     def split_plan(self, tables: dict[str, SplitTable], unnamed: bool) -> dict[str, tuple[str, bool]]:
         """Our train and test splits, each as (the dataset's split, whether it is split by prompt hash)."""
-        self.check_has_split(tables, self.entry.split, "split", unnamed)
+        train = self.train_split(tables)
+        self.check_has_split(tables, train, "split", unnamed)
         if self.entry.test_split:
             self.check_has_split(tables, self.entry.test_split, "test_split", unnamed)
             test = (self.entry.test_split, False)
-        elif DEFAULT_TEST_SPLIT in tables and DEFAULT_TEST_SPLIT != self.entry.split:
-            test = (DEFAULT_TEST_SPLIT, False)
         else:
-            test = (self.entry.split, True)
-        return {"train": (self.entry.split, test[1]), "test": test}
+            partner = test_partner(train, tables)
+            test = (partner, False) if partner is not None else (train, True)
+        return {"train": (train, test[1]), "test": test}
+
+    def train_split(self, tables: dict[str, SplitTable]) -> str:
+        """The entry's split; without one, `train`, or the dataset's one Hub-style train split (`train_prefs`)."""
+        if self.entry.split_given or self.entry.split in tables:
+            return self.entry.split
+        trains = {named.rest: split for split in tables
+                  if (named := split_name(split)) is not None and named.split == "train" and named.leading}
+        if not trains:
+            return self.entry.split  # refused by check_has_split, naming the splits there are
+        return trains[preferred_rest(sorted(trains), lambda rests: DataError(
+            f"dataset {self.name} has no 'train' split but several others ({', '.join(trains[r] for r in rests)}); "
+            f"choose one with split, e.g. {{path: {self.entry.path}, split: {trains[rests[0]]}}}"))]
 
     def check_has_split(self, tables: dict[str, SplitTable], split: str, key: str, unnamed: bool) -> None:
         if split in tables:
@@ -286,7 +307,8 @@ class MappedDatasetSource(PreferenceSource):
     def rows(self, table: SplitTable, split: str) -> list[LocatedRow]:
         """The split's rows with our field names, read only from the columns they come from."""
         columns = self.column_of_field(table)
-        rows = [(where, rename(row, columns)) for where, row in table.read(list(dict.fromkeys(columns.values())))]
+        rows = [(where, renamed_row(where, row, columns))
+                for where, row in table.read(list(dict.fromkeys(columns.values())))]
         if not rows:
             raise DataError(f"dataset {self.name} has no rows in its '{split}' split; choose a split with preference "
                             "rows (set split or test_split)")
@@ -299,20 +321,28 @@ class MappedDatasetSource(PreferenceSource):
             if column not in table.columns:
                 raise DataError(f"dataset {self.name}: columns maps {our_field} to '{column}', which is not one of "
                                 f"its columns ({listing}); set columns.{our_field} to one of those")
-        columns = {our_field: self.entry.columns.get(our_field, our_field) for our_field in FIELDS}
-        for our_field in REQUIRED_FIELDS:
-            if columns[our_field] not in table.columns:
-                raise DataError(f"dataset {self.name} has no '{columns[our_field]}' column for {our_field} (its "
-                                f"columns are: {listing}); map the column that holds it with columns: "
-                                f"{{{our_field}: <column>}}")
-        return {our_field: column for our_field, column in columns.items() if column in table.columns}
+        columns = recognised_columns(table.columns, self.entry.columns)
+        missing = [our_field for our_field in REQUIRED_FIELDS if our_field not in columns]
+        if missing and not self.entry.columns:
+            raise unknown_layout(f"dataset {self.name}", table.columns, columns, self.entry.path)
+        if missing:
+            raise DataError(f"dataset {self.name} has no '{missing[0]}' column for {missing[0]} (its "
+                            f"columns are: {listing}); map the column that holds it with columns: "
+                            f"{{{missing[0]}: <column>}}")
+        return columns
 
 
-def rename(row: Any, columns: dict[str, str]) -> Any:
-    """A row with our field names (a row that is not an object is left for `check_rows` to refuse)."""
-    if not isinstance(row, dict):
-        return row
-    return {our_field: row[column] for our_field, column in columns.items() if column in row}
+def test_partner(train: str, tables: Mapping) -> Optional[str]:
+    """The split that evaluates `train`: the same name with a test word for its train word (`test_prefs` for
+    `train_prefs`; `test`, else `validation`, `eval`, ... for `train`), else `test`; None when there is none."""
+    named = split_name(train)
+    if named is not None and named.split == "train":
+        words = WORD_SEPARATORS.split(train)
+        for word in SPLIT_WORDS["test"]:
+            candidate = word + train[len(words[0]):] if named.leading else train[:len(train) - len(words[-1])] + word
+            if candidate in tables:
+                return candidate
+    return DEFAULT_TEST_SPLIT if DEFAULT_TEST_SPLIT in tables and DEFAULT_TEST_SPLIT != train else None
 
 
 def describe_source(ours: str, split: str, held_out: bool) -> str:

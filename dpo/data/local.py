@@ -1,6 +1,7 @@
 """Preference data from local files: `datasets=[path/to/data.jsonl]` or `datasets=[path/to/folder]`.
 
-Three row formats are understood, told apart by the first row's fields:
+Three row formats are understood, told apart by the first row's fields (after other projects' column
+names are recognised, see `COLUMN_NAMES`):
 
 - pair format: `{"prompt": ..., "chosen": ..., "rejected": ...}`, the responses being what follows
   the prompt (prompts kept from their start when too long);
@@ -10,9 +11,10 @@ Three row formats are understood, told apart by the first row's fields:
   tokenizer's chat template (see `dpo.data.chat`; prompts kept from their end). Chat rows may also
   appear among pair-format rows.
 
-A directory holds one train and one test file, recognised by name (see `split_of_file`), each
+A directory holds a train file and usually a test file, recognised by name (see `split_files`), each
 possibly in shards (`train-00000-of-00003.parquet`, ...) and possibly under a `data/` subfolder,
-as the Hugging Face hub stores datasets.
+as the Hugging Face hub stores datasets; without a test file, 5% of the train file's prompts are held
+out as for a single file. A directory written by `save_to_disk` is read by `dpo.data.hub` instead.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import json
 import os
 import re
 from collections import Counter
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 from dpo.data import (DIRECTORY_HINT, LOCAL_SUFFIXES, RENDERED, PreferenceData, PreferenceSource, SplitData,
                       add_pair)
-from dpo.data.chat import ChatRenderer, is_chat_row, prompt_key
+from dpo.data.chat import ChatRenderer, is_chat_row, prompt_key, system_text, with_system_text
 from dpo.data.hh import hh_rows_to_data, transcript_prompt
 from dpo.errors import DataError
 
@@ -51,6 +53,23 @@ FORMAT_FIELDS = {PAIR: PAIR_FIELDS, HH: HH_FIELDS, CHAT: HH_FIELDS}
 TRUNCATION_MODES = {PAIR: "keep_start", HH: "keep_end", CHAT: "keep_end"}
 SUPPORTED = ".jsonl, .json or .parquet, optionally followed by .gz"
 PAIR_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
+CHAT_EXAMPLE = '{"role": "user"|"assistant"|"system", "content": "..."} lists'
+# The column names other projects write for our fields, looked for in this order: TRL and the Hub (prompt,
+# chosen, rejected), Intel/orca_dpo_pairs (system, question), LLaMA-Factory (instruction and input,
+# conversations, system, history), OpenAI's preference data (input, preferred_output, non_preferred_output),
+# lvwerra/stack-exchange-paired (question, response_j, response_k).
+COLUMN_NAMES = {
+    "prompt": ("prompt", "question", "instruction", "conversations", "messages", "input"),
+    "chosen": ("chosen", "response_j", "chosen_response", "preferred_output", "accepted"),
+    "rejected": ("rejected", "response_k", "rejected_response", "non_preferred_output"),
+    "system": ("system", "system_prompt"),
+}
+# LLaMA-Factory's alpaca form: `input` continues the `instruction`, `history` holds earlier [question, answer] turns.
+QUERY, HISTORY = "input", "history"
+# Words in column names that suggest a field, for the `columns:` mapping an unreadable layout's error proposes.
+FIELD_HINTS = {"rejected": ("rej", "bad", "worse", "los", "neg", "non_pref", "dispref", "_k"),
+               "chosen": ("chos", "good", "better", "win", "pos", "pref", "accept", "_j"),
+               "prompt": ("prompt", "quest", "instr", "query", "input", "context", "post", "conversation", "dialog")}
 
 LocatedRow = tuple[str, dict]
 
@@ -140,6 +159,94 @@ def read_rows(path: str) -> list[LocatedRow]:
     return rows
 
 
+# ---- recognising other projects' column names -------------------------------------------------
+
+def recognised_columns(columns: list[str], mapped: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Our field -> the column holding it: `mapped` first, then the first of `COLUMN_NAMES[field]` present.
+
+    Beside an `instruction` prompt, an `input` column continues it; a `history` column is read too.
+    """
+    found = dict(mapped or {})
+    for our_field, names in COLUMN_NAMES.items():
+        if our_field not in found:
+            column = next((name for name in names if name in columns and name not in found.values()), None)
+            if column is not None:
+                found[our_field] = column
+    if found.get("prompt") == "instruction" and QUERY in columns and QUERY not in found.values():
+        found[f"_{QUERY}"] = QUERY
+    if HISTORY in columns and HISTORY not in found.values():
+        found[f"_{HISTORY}"] = HISTORY
+    return found
+
+
+def renamed_row(where: str, row, columns: dict[str, str]):
+    """The row under our field names, LLaMA-Factory's `input` and `history` folded into its prompt.
+
+    The prompt is `instruction + "\n" + input` (as LLaMA-Factory joins them), and with a history the
+    prompt becomes messages: each [question, answer] as a user and an assistant turn, then the prompt.
+    A row that is not an object is left for `check_rows` to refuse.
+    """
+    if not isinstance(row, dict):
+        return row
+    renamed = {our_field: row[column] for our_field, column in columns.items() if column in row}
+    query, history = renamed.pop(f"_{QUERY}", None), renamed.pop(f"_{HISTORY}", None)
+    prompt = renamed.get("prompt")
+    if isinstance(prompt, str) and isinstance(query, str) and query.strip():
+        renamed["prompt"] = f"{prompt}\n{query}" if prompt.strip() else query
+    if history and isinstance(renamed.get("prompt"), str):
+        renamed["prompt"] = history_messages(where, history) + [{"role": "user", "content": renamed["prompt"]}]
+    return renamed
+
+
+def history_messages(where: str, history) -> list[dict]:
+    turns = history if isinstance(history, list) else [None]
+    messages = []
+    for number, turn in enumerate(turns, start=1):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(text, str) for text in turn)):
+            raise DataError(f"{where} field 'history' entry {number} is not a [question, answer] pair of strings; "
+                            'give the earlier turns as LLaMA-Factory does, [["question", "answer"], ...]')
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    return messages
+
+
+def recognised_rows(rows: list[LocatedRow], path: str) -> list[LocatedRow]:
+    """The rows of a file (or files) under our field names, or a DataError proposing a `columns` mapping."""
+    columns = list(dict.fromkeys(key for _, row in rows if isinstance(row, dict) for key in row))
+    found = recognised_columns(columns)
+    if isinstance(rows[0][1], dict) and not ("chosen" in found and "rejected" in found):
+        raise unknown_layout(path, columns, found, path)
+    return [(where, renamed_row(where, row, found)) for where, row in rows]
+
+
+def unknown_layout(name: str, columns: list[str], found: dict[str, str], path: str) -> DataError:
+    """The error for columns that fit no layout: what is read, and the `columns` mapping that would read them."""
+    guess = guessed_columns(columns, found)
+    mapping = ", ".join(f"{our_field}: {column}" for our_field, column in guess.items())
+    return DataError(
+        f"{name} fits no layout read here (its columns: {', '.join(columns) or 'none'}); give each row the strings "
+        f"{PAIR_EXAMPLE} (or question/instruction for prompt, and system), chosen and rejected as chat messages "
+        f"({CHAT_EXAMPLE}, or ShareGPT conversations), or HH transcripts, or name your columns, e.g. "
+        f"'datasets=[{{path: {path}, columns: {{{mapping}}}}}]' with the preferred response's column as chosen"
+    )
+
+
+def guessed_columns(columns: list[str], found: dict[str, str]) -> dict[str, str]:
+    """A `columns` mapping for prompt, chosen and rejected: what was recognised, then columns whose names hint at
+    a field, then the remaining columns in order (`<column>` when none is left)."""
+    guess = {our_field: found[our_field] for our_field in ("prompt", "chosen", "rejected") if our_field in found}
+    free = [column for column in columns if column not in found.values()]
+    for our_field, hints in FIELD_HINTS.items():
+        if our_field not in guess:
+            column = next((c for c in free if any(hint in c.lower() for hint in hints)), None)
+            if column is not None:
+                guess[our_field] = column
+                free.remove(column)
+    for our_field in ("prompt", "chosen", "rejected"):
+        if our_field not in guess:
+            guess[our_field] = free.pop(0) if free else "<column>"
+    return {our_field: guess[our_field] for our_field in ("prompt", "chosen", "rejected")}
+
+
 # ---- checking rows --------------------------------------------------------------------------
 
 def row_format(where: str, row) -> str:
@@ -152,8 +259,9 @@ def row_format(where: str, row) -> str:
             return row_format_name
     raise DataError(
         f"{where} fits neither accepted row format (its fields are: {', '.join(row) or 'none'}); give each row "
-        f"the strings {PAIR_EXAMPLE}, or HH transcripts in 'chosen' and 'rejected' (whole "
-        "'\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues), renaming your fields to one of these"
+        f"the strings {PAIR_EXAMPLE}, chat messages ({CHAT_EXAMPLE}) in chosen and rejected, or HH transcripts in "
+        "'chosen' and 'rejected' (whole '\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues), or map your fields to "
+        "these with a columns: {prompt: ..., chosen: ..., rejected: ...} entry"
     )
 
 
@@ -213,19 +321,19 @@ def rows_to_split_data(rows: list[LocatedRow], row_format_name: str, skipped: Co
     """Convert checked rows into the preference dict, with the truncation mode their format needs."""
     if row_format_name == HH:
         return SplitData(hh_rows_to_data(rows, skipped), TRUNCATION_MODES[HH])
-    return SplitData(pair_rows_to_data(rows, renderer), TRUNCATION_MODES[row_format_name])
+    # Rendered prompts end with the template's generation prompt, which keeping their start would cut off.
+    mode = TRUNCATION_MODES[CHAT if renderer.strings_as_chat else row_format_name]
+    return SplitData(pair_rows_to_data(rows, renderer), mode)
 
 
 def pair_rows_to_data(rows: Iterable[LocatedRow], renderer: ChatRenderer) -> PreferenceData:
-    """Convert checked `{prompt, chosen, rejected}` rows, plain or chat, into the preference dict."""
+    """Convert checked `{prompt, chosen, rejected}` rows (and `system`), plain or chat, into the preference dict."""
     data: PreferenceData = {}
     for where, row in rows:
-        if is_chat_row(row):
-            prompt, chosen, rejected = renderer.texts(where, row)
-            add_pair(data, prompt, chosen, rejected)
+        prompt, chosen, rejected, rendered = renderer.pair_texts(where, row)
+        add_pair(data, prompt, chosen, rejected)
+        if rendered:
             data[prompt][RENDERED] = True
-        else:
-            add_pair(data, row["prompt"], row["chosen"], row["rejected"])
     return data
 
 
@@ -233,7 +341,7 @@ def row_prompt(where: str, row: dict, row_format_name: str) -> str:
     """The prompt a checked row belongs to, in any format (for chat rows, its messages as JSON)."""
     if row_format_name == HH:
         return transcript_prompt(row["chosen"], where)
-    return prompt_key(where, row) if is_chat_row(row) else row["prompt"]
+    return prompt_key(where, row) if is_chat_row(row) else with_system_text(system_text(where, row), row["prompt"])
 
 
 def prompt_hash(prompt: str) -> str:
@@ -272,20 +380,46 @@ def name_parts(name: str) -> tuple[str, str]:
     return name[: -len(suffix)], suffix
 
 
+class SplitName(NamedTuple):
+    """What a split's name says: our split, the rest of the name, and whether the split word leads it."""
+
+    split: str
+    rest: str
+    leading: bool
+
+
+def split_name(name: str) -> Optional[SplitName]:
+    """Which of our splits a split's (or a data file's) name names, if any.
+
+    Its last word, after the last `_`, `-` or `.`, ignoring case, is one of a split's words
+    (`SPLIT_WORDS`): `train`, `dpo_train`, `my.valid`; or, as the Hub names the splits of datasets with
+    several kinds of data, its first word is, followed by other words: `train_prefs`, `test_sft`.
+    """
+    words = WORD_SEPARATORS.split(name.lower())
+    for word, rest, leading in ((words[-1], words[:-1], False), (words[0], words[1:], True)):
+        split = next((split for split, split_words in SPLIT_WORDS.items() if word in split_words), None)
+        if split is not None and (rest or not leading):
+            return SplitName(split, "_".join(rest), leading)
+    return None
+
+
 def split_of_file(name: str) -> Optional[str]:
-    """'train' or 'test' when a data file's name says which split it holds, else None.
+    """'train' or 'test' when a data file's name ends with a split's word, else None.
 
     The rule: take the file name without its folder, its data suffix (.jsonl, .json, .parquet,
     optionally .gz) and a shard number like `-00000-of-00003`; its last word, after the last `_`,
     `-` or `.`, ignoring case, must be one of the split's words (`SPLIT_WORDS`). So `train.jsonl`,
     `dpo_train.jsonl`, `train-00000-of-00001.parquet` and `my.valid.json.gz` name splits, while
-    `contest.jsonl` and `train_sft.jsonl` do not.
+    `contest.jsonl` does not; `train_sft.jsonl` names one the Hub's way (`hub_split_of_file`).
     """
+    named = file_split_name(name)
+    return named.split if named is not None and not named.leading else None
+
+
+def file_split_name(name: str) -> Optional[SplitName]:
     if data_suffix(name) is None:
         return None
-    stem = SHARD_NUMBER.sub("", os.path.basename(name_parts(name)[0]))
-    last_word = WORD_SEPARATORS.split(stem.lower())[-1]
-    return next((split for split, words in SPLIT_WORDS.items() if last_word in words), None)
+    return split_name(SHARD_NUMBER.sub("", os.path.basename(name_parts(name)[0])))
 
 
 def file_group(name: str) -> str:
@@ -318,22 +452,65 @@ def directory_listing(directory: str) -> str:
 def split_files(directory: str, name: str) -> dict[str, list[str]]:
     """The file, or the shards of the file, that holds each split, as names relative to `directory`.
 
-    Each split must be named by exactly one file or one complete set of shards (see `split_of_file`).
+    The train split is the one file or complete set of shards whose name ends with a train word
+    (`split_of_file`); failing that, one named the Hub's way (`train_prefs`, `train_sft`: when there
+    are several, the preference one, see `PREFERENCE_SPLITS`). The test split is the file named for
+    test the same way (`test.jsonl`; `test_prefs` beside `train_prefs`). Without one, there is no
+    'test' entry and the caller holds out 5% of the train split's prompts.
     """
     files = directory_files(directory)
-    found = {}
-    for split in SPLITS:
-        groups: dict[str, list[str]] = {}
-        for file in files:
-            if split_of_file(file) == split:
-                groups.setdefault(file_group(file), []).append(file)
-        if not groups:
-            raise no_split_file(directory, name, split)
-        if len(groups) > 1:
-            raise several_split_files(name, split, groups)
-        (found[split],) = groups.values()
-        check_shards_complete(name, split, found[split])
+    ending = {split: groups_of(files, lambda file, split=split: split_of_file(file) == split) for split in SPLITS}
+    if ending["train"]:
+        found = {"train": one_group(name, "train", ending["train"])}
+        if ending["test"]:
+            found["test"] = one_group(name, "test", ending["test"])
+        return found
+    leading = {file: named for file in files if (named := file_split_name(file)) is not None and named.leading}
+    rests = sorted({named.rest for named in leading.values() if named.split == "train"})
+    if not rests:
+        raise no_split_file(directory, name, "train")
+    rest = preferred_rest(rests, lambda rests: DataError(
+        f"directory {name} holds several train splits ({', '.join('train_' + r for r in rests)}) and none of them "
+        "is preference data by name; move the others out of it, or give it as {path: ..., split: ...}"))
+    trains = groups_of(files, lambda file: leading.get(file) == ("train", rest, True))
+    found = {"train": one_group(name, "train", trains)}
+    tests = groups_of(files, lambda file: leading.get(file) == ("test", rest, True))
+    if tests:
+        found["test"] = one_group(name, "test", tests)
+    elif ending["test"]:
+        found["test"] = one_group(name, "test", ending["test"])
     return found
+
+
+# The rest of a Hub-style split's name that marks preference data, chosen among several train splits.
+PREFERENCE_SPLITS = ("prefs", "preferences", "pairs", "dpo", "binarized", "comparisons")
+
+
+def preferred_rest(rests: list[str], ambiguous) -> str:
+    """The one rest among several split names' rests that names preference data, else `ambiguous(rests)` raised."""
+    if len(rests) == 1:
+        return rests[0]
+    preferred = [rest for rest in rests if rest in PREFERENCE_SPLITS]
+    if len(preferred) != 1:
+        raise ambiguous(rests)
+    return preferred[0]
+
+
+def groups_of(files: list[str], wanted) -> dict[str, list[str]]:
+    """The wanted files, grouped by shard set (`file_group`)."""
+    groups: dict[str, list[str]] = {}
+    for file in files:
+        if wanted(file):
+            groups.setdefault(file_group(file), []).append(file)
+    return groups
+
+
+def one_group(name: str, split: str, groups: dict[str, list[str]]) -> list[str]:
+    if len(groups) > 1:
+        raise several_split_files(name, split, groups)
+    (shards,) = groups.values()
+    check_shards_complete(name, split, shards)
+    return shards
 
 
 def no_split_file(directory: str, name: str, split: str) -> DataError:
@@ -369,6 +546,13 @@ def check_shards_complete(name: str, split: str, shards: list[str]) -> None:
 _REPORTED_LAYOUTS: set[str] = set()
 
 
+def held_out_layout(train_files: list[str]) -> dict[str, list[str]]:
+    """What `report_layout` prints for a directory with no test file."""
+    train = ", ".join(train_files)
+    return {"train": [f"{train} less the {TEST_PERCENT}% of its prompts held out for test"],
+            "test": [f"{TEST_PERCENT}% of {train}'s prompts (chosen by hash)"]}
+
+
 def report_layout(name: str, files: dict[str, list[str]]) -> None:
     line = f"dataset {name}: " + "; ".join(f"{split} <- {', '.join(names)}" for split, names in files.items())
     if line not in _REPORTED_LAYOUTS:
@@ -376,9 +560,10 @@ def report_layout(name: str, files: dict[str, list[str]]) -> None:
         print(line)
 
 
-def checked_rows(paths: list[str]) -> tuple[list[LocatedRow], str]:
-    """The rows of the files, in order, all checked against the format the first row calls for."""
-    rows = [located for path in paths for located in read_rows(path)]
+def checked_rows(paths: list[str], name: str) -> tuple[list[LocatedRow], str]:
+    """The rows of the files, in order, under our field names, all checked against the format the first row calls
+    for; `name` is what `datasets=[...]` called them."""
+    rows = recognised_rows([located for path in paths for located in read_rows(path)], name)
     return rows, check_rows(rows)
 
 
@@ -386,10 +571,11 @@ class LocalPreferenceFiles(PreferenceSource):
     """Preference pairs from a local file or directory (see the module docstring for row formats).
 
     `path` is either
-    - a directory holding one train and one test file (`split_of_file` says which name is
-      which: `train.jsonl`, `dpo_eval.jsonl`, `validation.parquet.gz`, ...), each .jsonl, .json or
-      .parquet, optionally gzipped, or in shards (`train-00000-of-00002.parquet`, read in order),
-      directly or under `data/`; each split is read from its file(s); or
+    - a directory holding a train and usually a test file (`split_files` says which name is
+      which: `train.jsonl`, `dpo_eval.jsonl`, `validation.parquet.gz`, `train_prefs-00000-of-00001.parquet`,
+      ...), each .jsonl, .json or .parquet, optionally gzipped, or in shards (`train-00000-of-00002.parquet`,
+      read in order), directly or under `data/`; each split is read from its file(s), and without a test
+      file 5% of the train file's prompts are held out as for a single file; or
     - a single such file, split by prompt so that no prompt is in both splits: prompts are sorted
       by the SHA-256 of their text and the first ceil(5%) of them (none when the file has a
       single prompt) are 'test', the rest 'train'. The split is the same on every machine and
@@ -421,13 +607,17 @@ class LocalPreferenceFiles(PreferenceSource):
 
     def split_rows(self, split: str, silent: bool) -> tuple[list[LocatedRow], str]:
         """The checked rows of `split` and the row format they share."""
+        fix = "add more prompts or give a directory with a train and a test file"
         if os.path.isdir(self.path):
             files = split_files(self.path, self.name)
             if not silent:
-                report_layout(self.name, files)
-            return checked_rows([os.path.join(self.path, file) for file in files[split]])
-        rows, row_format_name = checked_rows([self.single_file()])
-        fix = "add more prompts or give a directory with a train and a test file"
+                report_layout(self.name, files if "test" in files else held_out_layout(files["train"]))
+            paths = [os.path.join(self.path, file) for file in files.get(split, files["train"])]
+            rows, row_format_name = checked_rows(paths, self.name)
+            if "test" in files:
+                return rows, row_format_name
+        else:
+            rows, row_format_name = checked_rows([self.single_file()], self.name)
         return rows_of_split(rows, row_format_name, split, self.name, fix), row_format_name
 
     def single_file(self) -> str:

@@ -38,8 +38,13 @@ class InMemoryPairs(PreferenceSource):
         data: PreferenceData = {}
         label = self.name if split == "train" else f"eval_{self.name}"
         for index, row in enumerate(self.rows[split]):
-            if isinstance(row, Mapping):  # a chat row, checked as it is rendered
-                prompt, chosen, rejected = self.renderer.texts(f"{label} row {index}", dict(row))
+            if isinstance(row, Mapping):  # a chat row or one with a system prompt, checked as it is rendered
+                prompt, chosen, rejected, rendered = self.renderer.pair_texts(f"{label} row {index}", dict(row))
+                add_pair(data, prompt, chosen, rejected)
+                if rendered:
+                    data[prompt][RENDERED] = True
+            elif self.renderer.strings_as_chat:
+                prompt, chosen, rejected, _ = self.renderer.pair_texts(f"{label} row {index}", dict(zip(FIELDS, row)))
                 add_pair(data, prompt, chosen, rejected)
                 data[prompt][RENDERED] = True
             else:
@@ -77,6 +82,8 @@ def _as_pair(row: Any, index: int, label: str):
     for field, value in zip(FIELDS, values):
         if not isinstance(value, str):
             raise DataError(f"{label} row {index}: {field} is a {type(value).__name__}, not text; give strings")
+    if isinstance(row, Mapping) and row.get("system") is not None:  # kept: rendered with the prompt
+        return {**dict(zip(FIELDS, values)), "system": row["system"]}
     return values
 
 

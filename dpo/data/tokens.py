@@ -37,6 +37,7 @@ class TokenCheck:
     fingerprints: dict = field(default_factory=dict)
     n_unknown: int = 0
     n_tokens: int = 0
+    unknown_characters: set = field(default_factory=set)  # the characters it turns into its unknown token
 
     def same_tokens(self, chosen: str, rejected: str) -> bool:
         return self.fingerprints[chosen] == self.fingerprints[rejected]
@@ -59,9 +60,10 @@ def check_tokens(tokenizer, data: dict) -> Optional[TokenCheck]:
     if tokenizer is None or not emits_unknown_token(tokenizer):
         return None
     uses = texts_and_uses(data)
-    if not unknown_characters(tokenizer, uses):
+    unknown = unknown_characters(tokenizer, uses)
+    if not unknown:
         return None
-    check = TokenCheck()
+    check = TokenCheck(unknown_characters=unknown)
     texts = list(uses)
     for start in range(0, len(texts), TEXTS_PER_CALL):
         chunk = texts[start:start + TEXTS_PER_CALL]
@@ -97,6 +99,24 @@ def texts_and_uses(data: dict) -> Counter:
 def fingerprint(ids: list[int]) -> bytes:
     """A short digest of token ids: keeping the ids of a whole dataset would take gigabytes."""
     return hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).digest()
+
+
+VOCABULARY_PROBE = "Hello, world"
+
+
+def vocabulary_problem(tokenizer) -> Optional[str]:
+    """Why `tokenizer` cannot train a model, or None: a tokenizer with no tokens but its special ones.
+
+    transformers 5 builds such a one from `GPT2TokenizerFast(vocab_file=..., merges_file=...)`: it
+    encodes every text to no tokens, so the model gets a vocabulary of one or none and training fails
+    only at the first backward pass.
+    """
+    if tokenizer(VOCABULARY_PROBE, add_special_tokens=False)["input_ids"]:
+        return None
+    return (f"{tokenizer_description(tokenizer)} has no vocabulary ({len(tokenizer)} tokens, all special, and it "
+            f"encodes {VOCABULARY_PROBE!r} to no tokens), so nothing could be trained; load it with "
+            "AutoTokenizer.from_pretrained(<its directory or hub name>) (transformers 5 builds an empty one from "
+            "GPT2TokenizerFast(vocab_file=..., merges_file=...)), or set model.tokenizer_name_or_path to it")
 
 
 def unknown_token_warning(label: str, tokenizer, share: float) -> str:
