@@ -11,6 +11,11 @@ outside, and it also works without JavaScript (the form then reloads the page). 
 request at a time, since the models are not thread-safe. `POST /api/generate` takes the same options
 as JSON and answers `dpo.generate`'s row, or HTTP 400 with `{"error": ...}`.
 
+Only the demo's own page may drive it: a request whose Host is not an address the demo serves (the
+loopback names and `--host`, on its port, and any `--allow-host`) is refused with HTTP 403, which stops
+DNS rebinding, and so is a POST whose Origin (or, without one, Referer) is another site's page. A
+request body over 256 KiB is refused (HTTP 413) before it is read.
+
 Flask serves it (an optional dependency: `pip install -e ".[demo]"`): it is small and stable, needs no
 frontend build, and makes no network calls, where Gradio is far heavier and phones home by default.
 Its built-in server is meant for one person on their own machine, which is what this is.
@@ -25,10 +30,12 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
+from urllib.parse import urlsplit
 
 from dpo.errors import ConfigError, UserError
-from dpo.generate import GenerationOptions, Judge, SideBySide, load_side_by_side
+from dpo.generate import MIN_TEMPERATURE, GenerationOptions, Judge, SideBySide, load_side_by_side
+from dpo.models import context_length
 
 INSTALL_HINT = 'pip install -e ".[demo]"'
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_static")
@@ -36,6 +43,12 @@ MAX_NEW_TOKENS = 512
 MAX_TEMPERATURE = 10
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 20_000
+# The largest body a request may send, refused before it is read (HTTP 413): a prompt of MAX_PROMPT_CHARS
+# characters fits even at 12 bytes each (a 4-byte UTF-8 character percent-encoded by a form, or a surrogate
+# pair JSON-escaped), with room for the options; without a limit a 200 MB body was parsed before being refused.
+MAX_REQUEST_BYTES = 256 * 1024
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 N_EXAMPLE_PROMPTS = 4
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_p", "greedy", "seed")
 
@@ -90,10 +103,17 @@ def parse_request(fields: dict) -> tuple[str, GenerationOptions]:
         raise RequestError("the prompt is empty: type the text the models should continue")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise RequestError(f"the prompt has {len(prompt)} characters, more than {MAX_PROMPT_CHARS}: shorten it")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON may spell half of a character ("\ud800"), which is no text
+        raise RequestError(f"the prompt holds a lone surrogate, U+{ord(prompt[error.start]):04X} at character "
+                           f"{error.start}, which is half of a character and not text: send the prompt as valid "
+                           "Unicode") from None
     defaults = GenerationOptions()
     options = GenerationOptions(
         max_new_tokens=_number(fields, "max_new_tokens", defaults.max_new_tokens, int, 1, MAX_NEW_TOKENS),
-        temperature=_number(fields, "temperature", defaults.temperature, float, 0, MAX_TEMPERATURE, above_low=True),
+        temperature=_number(fields, "temperature", defaults.temperature, float, MIN_TEMPERATURE, MAX_TEMPERATURE,
+                            hint="; tick greedy for the most likely tokens"),
         top_p=_number(fields, "top_p", defaults.top_p, float, 0, 1, above_low=True),
         greedy=_flag(fields.get("greedy", defaults.greedy)),
         seed=_number(fields, "seed", defaults.seed, int, 0, MAX_SEED),
@@ -105,10 +125,10 @@ def _unix_line_breaks(text: str) -> str:
     return text.replace("\r\n", "\n")  # browsers send a textarea's line breaks as \r\n; models know \n
 
 
-def _number(fields: dict, name: str, default, kind: type, low, high, above_low: bool = False):
+def _number(fields: dict, name: str, default, kind: type, low, high, above_low: bool = False, hint: str = ""):
     value = fields.get(name, default)
     bounds = f"above {low} and at most {high}" if above_low else f"from {low} to {high}"
-    refusal = RequestError(f"{name} must be a {'whole ' if kind is int else ''}number {bounds}, got {value!r}")
+    refusal = RequestError(f"{name} must be a {'whole ' if kind is int else ''}number {bounds}, got {value!r}{hint}")
     if isinstance(value, bool):  # JSON true is an int to Python, and never meant as one
         raise refusal
     try:
@@ -136,7 +156,7 @@ def _flag(value) -> bool:
 
 def check_context(pair: SideBySide, prompt: str, options: GenerationOptions) -> None:
     """Refuse a prompt and length that run past the policy's context, where its positions mean nothing."""
-    context = getattr(pair.policy.config, "max_position_embeddings", None)
+    context, _ = context_length(pair.policy)
     if not context:
         return
     prompt_tokens = len(pair.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -147,13 +167,50 @@ def check_context(pair: SideBySide, prompt: str, options: GenerationOptions) -> 
 
 # ---- the app ---------------------------------------------------------------------------------------
 
-def create_app(pair: SideBySide, run_dir: str, task: Optional[DemoTask] = None):
-    """The Flask app serving `pair` and the plots of `run_dir`; `task` defaults to the judged task of the run."""
+def create_app(pair: SideBySide, run_dir: str, task: Optional[DemoTask] = None, host: str = "127.0.0.1",
+               port: Optional[int] = None, allow_hosts: Iterable[str] = ()):
+    """The Flask app serving `pair` and the plots of `run_dir`; `task` defaults to the judged task of the run.
+
+    It answers requests addressed to `host` or a loopback name on `port` (any port when None) or to one of
+    `allow_hosts`, and POSTs from those addresses' pages only.
+    """
     flask = _import_flask()
     task = judged_task(pair.datasets) if task is None else task
     plots_dir = os.path.join(os.path.abspath(run_dir), "plots")
     generating = threading.Lock()  # one generation at a time: the models are not thread-safe
     app = flask.Flask(__name__, template_folder=PAGE_DIR, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    served = served_addresses(host, port, allow_hosts)
+    own_page = (f"http://{_bracketed('127.0.0.1' if host in WILDCARD_HOSTS else host)}:{port}/" if port
+                else "the demo's own page")
+
+    def refusal(message: str, status: int):
+        if flask.request.path.startswith("/api/"):
+            return {"error": message}, status
+        return message + "\n", status, {"Content-Type": "text/plain; charset=utf-8"}
+
+    @app.before_request
+    def only_from_this_demo():  # another site's page must not read the page or drive generations
+        if not is_served(flask.request.host, served):
+            return refusal(f"refused: Host {flask.request.host!r} is not an address of this demo ("
+                           f"{', '.join(sorted(served))}); open {own_page}, or, through a tunnel or proxy, start "
+                           f"the demo with --allow-host {flask.request.host}", 403)
+        if flask.request.method == "POST":
+            origin = flask.request.headers.get("Origin")
+            sender = origin if origin is not None else flask.request.headers.get("Referer")
+            if sender is not None and not is_served(_url_host(sender), served):
+                return refusal(f"refused: this request comes from the page {sender!r}, not from the demo's own, "
+                               f"and another site must not drive generations; open {own_page} and generate there",
+                               403)
+        return None
+
+    @app.errorhandler(413)
+    def too_large(error):
+        message = (f"the request body is over {MAX_REQUEST_BYTES // 1024} KiB, more than a prompt of "
+                   f"{MAX_PROMPT_CHARS} characters needs: shorten the prompt")
+        if flask.request.path.startswith("/api/"):
+            return {"error": message}, 413
+        return page({}, error=message, status=413)
 
     def complete(fields: dict) -> dict:
         prompt, options = parse_request(fields)
@@ -166,7 +223,7 @@ def create_app(pair: SideBySide, run_dir: str, task: Optional[DemoTask] = None):
         html = flask.render_template("demo.html", run_dir=os.path.abspath(run_dir), task=task,
                                      plots=list_plots(plots_dir), fields=_form_values(fields), row=row, error=error,
                                      limits={"max_new_tokens": MAX_NEW_TOKENS, "temperature": MAX_TEMPERATURE,
-                                             "seed": MAX_SEED})
+                                             "min_temperature": MIN_TEMPERATURE, "seed": MAX_SEED})
         return html, status
 
     @app.get("/")
@@ -183,7 +240,10 @@ def create_app(pair: SideBySide, run_dir: str, task: Optional[DemoTask] = None):
 
     @app.post("/api/generate")
     def generate_json():
-        fields = flask.request.get_json(silent=True)
+        try:
+            fields = flask.request.get_json(silent=True)
+        except RecursionError:  # "[[[[..." nested deeper than Python's JSON reader goes
+            fields = None
         if not isinstance(fields, dict):
             return {"error": 'send a JSON object such as {"prompt": "...", "max_new_tokens": 64}'}, 400
         try:
@@ -206,6 +266,59 @@ def create_app(pair: SideBySide, run_dir: str, task: Optional[DemoTask] = None):
         return flask.send_from_directory(plots_dir, name)  # refuses names that leave the folder
 
     return app
+
+
+def served_addresses(host: str, port: Optional[int], allow_hosts: Iterable[str] = ()) -> set[str]:
+    """The Host values the demo answers: `name:port` for the loopback names and `host` (for a wildcard `host`, this
+    machine's names and addresses), each `allow_hosts` entry as given (`name` or `name:port`), lower case."""
+    names = set(LOOPBACK_NAMES)
+    if host in WILDCARD_HOSTS:  # other machines may come in: by this machine's names and addresses
+        names |= {socket.gethostname(), socket.getfqdn()}
+        try:
+            names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+        except OSError:
+            pass
+    else:
+        names.add(host)
+    served = {_bracketed(name).lower().rstrip(".") + (f":{port}" if port else "") for name in names if name}
+    return served | {name.lower().rstrip(".") for name in allow_hosts}
+
+
+def is_served(host_header: str, served: set[str]) -> bool:
+    """Whether a Host value (or the host of an Origin) names this demo; a missing port is HTTP's 80."""
+    name, port = _split_host(host_header)
+    if not name:
+        return False
+    return name in served or f"{name}:{port or 80}" in served
+
+
+def _split_host(value: str) -> tuple[str, Optional[int]]:
+    """`name:port`, `[v6]:port` or a bare name, as (lower-case name, port or None); ('', None) when malformed."""
+    value = (value or "").strip().lower()
+    if value.startswith("["):
+        name, _, rest = value.partition("]")
+        name, port = name + "]", rest[1:] if rest.startswith(":") else ("" if not rest else None)
+    else:
+        name, _, port = value.partition(":")
+    if port is None or (port and not port.isdigit()):
+        return "", None
+    return name.rstrip("."), int(port) if port else None
+
+
+def _url_host(url: str) -> str:
+    """The host:port of an Origin or Referer URL, with the port its scheme implies; '' for `null` or no URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return ""
+    if not parts.hostname or port is None:
+        return ""
+    return f"{_bracketed(parts.hostname)}:{port}"
+
+
+def _bracketed(name: str) -> str:
+    return f"[{name}]" if ":" in name and not name.startswith("[") else name
 
 
 def judged(row: dict, judge: Optional[Judge]) -> dict:
@@ -255,13 +368,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 lets other machines in: only on a trusted network")
     parser.add_argument("--device", help="where the models run (default: a GPU if visible)")
     parser.add_argument("--reference", help="the starting model, for a Hugging Face model directory")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME[:PORT]",
+                        help="also answer requests addressed to this host, e.g. localhost:8000 through an SSH tunnel")
     args = parser.parse_args(argv)
     try:
         _import_flask()  # before the models load, so that these mistakes are told at once
         _check_port(args.host, args.port)
         _check_device(args.device)
         pair = load_side_by_side(args.path, args.reference, device=args.device)
-        app = create_app(pair, pair.run_dir or args.path)
+        app = create_app(pair, pair.run_dir or args.path, host=args.host, port=args.port,
+                         allow_hosts=args.allow_host)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

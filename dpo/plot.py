@@ -6,8 +6,9 @@ Writes `loss.png`, `rewards.png`, `accuracy.png`, `logps.png`, `judge.png` and `
 of them as panels of one figure) against examples seen, to `RUN_DIR/plots/` (several runs: to `--out`,
 default the first run's `plots/`, with the runs overlaid in one colour each). A figure whose metrics
 no run has (an SFT run has no rewards) is not written. metrics.jsonl is read as it stands, so this
-works on a run still going: a torn last line is skipped. The trainer calls `plot_run_quietly` when a
-run ends. matplotlib is an optional dependency: `pip install -e ".[plot]"`.
+works on a run still going: a torn last line is skipped. Values that are null (non-finite when logged),
+non-finite or beyond ±1e100 (a run that diverged) are left out, with a note saying how many. The trainer
+calls `plot_run_quietly` when a run ends. matplotlib is an optional dependency: `pip install -e ".[plot]"`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ PANELS = (
         Quantity("reference", None, "judge_eval/reference"))),
 )
 
+# Values beyond this are left out, with a note: far past any metric of a run that trains (losses and log-probs stay
+# within about 1e4), and far enough inside float64's 1.8e308 that the smoothing's running sums and matplotlib's
+# axis arithmetic cannot overflow (at ±1e308 both did, and the figure failed with a traceback).
+MAX_PLOTTED = 1e100
+MAX_PLOTTED_TEXT = "1e100"
+
 LINESTYLES = ("-", "--", ":")
 MARKERS = ("o", "s", "^")
 
@@ -110,14 +117,43 @@ def _parse_records(lines: list) -> list:
 
 
 def series(records: list, event: str, key: str) -> tuple:
-    """(steps, values) of one metric in one event's records; null (non-finite) values are left out."""
+    """(steps, values) of one metric in one event's records; null, non-finite and huge values are left out."""
     steps, values = [], []
     for record in records:
         value = record.get(key)
-        if record.get("event") == event and isinstance(value, (int, float)) and math.isfinite(value):
+        if record.get("event") == event and _plottable(value):
             steps.append(record["step"])
             values.append(float(value))
     return steps, values
+
+
+def _plottable(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= MAX_PLOTTED)
+
+
+def left_out(runs: list) -> dict:
+    """How many logged values of each plotted metric `series` leaves out (null, non-finite or beyond ±MAX_PLOTTED)."""
+    keys = {(event, key) for panel in PANELS for quantity in panel.quantities
+            for event, key in (("train", quantity.train_key), ("eval", quantity.eval_key)) if key}
+    counts = {}
+    for run in runs:
+        for record in run.records:
+            for event, key in keys:
+                if record.get("event") == event and key in record and not _plottable(record[key]):
+                    counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def left_out_note(runs: list) -> str:
+    """One line naming the values left out of the figures, or '' when none were."""
+    counts = left_out(runs)
+    if not counts:
+        return ""
+    listed = ", ".join(f"{key}: {count}" for key, count in sorted(counts.items()))
+    total = sum(counts.values())
+    return (f"note: {total} logged value{'s' if total != 1 else ''} left out of the plots as null, non-finite or "
+            f"beyond ±{MAX_PLOTTED_TEXT} ({listed}); a run that logs such values has diverged")
 
 
 def moving_average(values: list, window: Optional[int] = None) -> list:
@@ -220,14 +256,18 @@ def save_figure(figure, path: str) -> str:
 
 # ---- entry points --------------------------------------------------------------------------------
 
-def plot_runs(run_dirs: list, out_dir: Optional[str] = None) -> list:
+def plot_runs(run_dirs: list, out_dir: Optional[str] = None, notes: Optional[list] = None) -> list:
     """Write the figures of these runs (overlaid when several) and return their paths.
 
     `out_dir` defaults to the first run's `plots/`. Returns [] when no run has logged anything yet.
+    A note on values left out of the figures is appended to `notes`, if given.
     """
     if not run_dirs:
         raise RunDirError("no run directory given; name at least one directory holding metrics.jsonl")
     runs = _distinct_names([load_run(run_dir) for run_dir in run_dirs], run_dirs)
+    note = left_out_note(runs)
+    if note and notes is not None:
+        notes.append(note)
     panels = panels_for(runs)
     if not panels:
         return []
@@ -256,8 +296,9 @@ def plot_run_quietly(run_dir: str) -> Optional[str]:
 
     Plots are a convenience: a run that trained for hours must not end in a traceback because of them.
     """
+    notes = []
     try:
-        paths = plot_runs([run_dir])
+        paths = plot_runs([run_dir], notes=notes)
     except PlotDependencyError:
         return f"plots skipped: matplotlib is not installed ({INSTALL_HINT})"
     except UserError as error:
@@ -265,8 +306,10 @@ def plot_run_quietly(run_dir: str) -> Optional[str]:
     except Exception as error:  # see the docstring
         return f"plots skipped: {type(error).__name__}: {error}"
     if not paths:
-        return f"plots skipped: {os.path.join(run_dir, 'metrics.jsonl')} has no metrics yet"
-    return f"plots written to {os.path.dirname(paths[0])}/ ({', '.join(os.path.basename(p) for p in paths)})"
+        return f"plots skipped: {os.path.join(run_dir, 'metrics.jsonl')} has no metrics yet" + \
+            "".join(f" ({note})" for note in notes)
+    return f"plots written to {os.path.dirname(paths[0])}/ ({', '.join(os.path.basename(p) for p in paths)})" + \
+        "".join(f"\n{note}" for note in notes)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -274,14 +317,21 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
     parser.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: the first run's plots/)")
     args = parser.parse_args(argv)
+    notes = []
     try:
-        paths = plot_runs(args.run_dirs, args.out)
+        paths = plot_runs(args.run_dirs, args.out, notes=notes)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    for note in notes:
+        print(note, file=sys.stderr)
     if not paths:
-        print(f"error: nothing to plot: no run has logged a metric yet (checked {', '.join(args.run_dirs)}); "
-              "try again once training has started", file=sys.stderr)
+        if notes:
+            print(f"error: nothing to plot: every value the runs logged is left out (checked "
+                  f"{', '.join(args.run_dirs)}); see the note above", file=sys.stderr)
+        else:
+            print(f"error: nothing to plot: no run has logged a metric yet (checked {', '.join(args.run_dirs)}); "
+                  "try again once training has started", file=sys.stderr)
         return 1
     for path in paths:
         print(path)
