@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo.config import register_resolvers
 from dpo.distributed import LaunchError, launch, launched_by_torchrun, visible_devices
-from dpo.errors import RunDirError, UserError
+from dpo.errors import ConfigError, RunDirError, UserError
 from dpo.overrides import composition_problem
 from dpo.resume import resumed_config
 from dpo.run import run as train  # noqa: F401 (train.train(config), as tests and notebooks call it)
@@ -51,9 +51,13 @@ def main(config: DictConfig) -> None:
 
 def command_line_config(config: DictConfig, overrides: list[str]) -> DictConfig:
     """The composed config; with `resume=<run dir>`, that run's saved config plus the allowed overrides."""
-    if not config.resume:
+    if config.resume is None:
         OmegaConf.resolve(config)  # once, so that every process started here gets the same run directory
         return config
+    if not isinstance(config.resume, str) or not config.resume:
+        shown = str(config.resume).lower() if isinstance(config.resume, bool) else config.resume
+        raise ConfigError(f"resume={shown} is not a run directory; resume= takes the directory of the run to "
+                          "continue (the 'run directory:' it printed when it started), e.g. resume=runs/my_run")
     saved_path = os.path.join(config.resume, "config.yaml")
     if not os.path.isfile(saved_path):
         raise RunDirError(f"resume={config.resume} holds no config.yaml, so it is not a run directory; give the "

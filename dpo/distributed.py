@@ -13,7 +13,11 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -209,12 +213,21 @@ def visible_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def launch(worker: Callable[[Any], None], argument: Any, n_processes: int, port: Optional[int] = None) -> None:
+# How long the launcher waits for its processes to stop after forwarding a signal, before it kills them
+# (torchrun's agent waits as long).
+STOP_GRACE_S = 30.0
+
+
+def launch(worker: Callable[[Any], None], argument: Any, n_processes: int, port: Optional[int] = None,
+           grace_s: float = STOP_GRACE_S) -> None:
     """Run `worker(argument)` in `n_processes` processes on this machine, as torchrun would.
 
     Each process gets torchrun's environment. If one process fails (an error or a signal), the
     others are stopped at once and this raises `LaunchError` naming the process and its exit code;
-    the failed process has already printed its own error.
+    the failed process has already printed its own error. A SIGTERM or SIGINT sent to this process
+    is forwarded to every process, which stop (see `stop_on_signals`); once all have ended (those
+    still running after `grace_s` seconds are killed) this exits with 128 + the signal's number,
+    as a shell reports a process ended by that signal. Nothing of the run is left running.
     """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()))
     if n_processes == 1:
@@ -223,15 +236,98 @@ def launch(worker: Callable[[Any], None], argument: Any, n_processes: int, port:
         return
     import torch.multiprocessing as mp
 
-    try:
-        mp.start_processes(_worker_entry, args=(n_processes, worker, argument), nprocs=n_processes, join=True,
-                           start_method="spawn")
-    except mp.ProcessExitedException as error:
-        raise LaunchError(f"process {error.error_index} of {n_processes} {_describe_exit(error.exit_code)}; "
-                          "the other processes were stopped") from None
-    except mp.ProcessRaisedException as error:  # its traceback went to a file, not to the terminal
-        raise LaunchError(f"process {error.error_index} of {n_processes} failed (the other processes were stopped):"
-                          f"\n{str(error).strip()}") from None
+    forwarding = _SignalForwarding()
+    with forwarding:
+        context = mp.start_processes(_worker_entry, args=(n_processes, worker, argument), nprocs=n_processes,
+                                     join=False, start_method="spawn")
+        forwarding.forward_to(context.processes)
+        try:
+            while not forwarding.signum:
+                with forwarding.interruptible():
+                    if context.join(timeout=1.0):
+                        return
+        except mp.ProcessExitedException as error:
+            if not forwarding.signum:
+                raise LaunchError(f"process {error.error_index} of {n_processes} {_describe_exit(error.exit_code)}; "
+                                  "the other processes were stopped") from None
+        except mp.ProcessRaisedException as error:  # its traceback went to a file, not to the terminal
+            if not forwarding.signum:
+                raise LaunchError(f"process {error.error_index} of {n_processes} failed (the other processes were "
+                                  f"stopped):\n{str(error).strip()}") from None
+        except _Stop:
+            pass
+        _stop_within(context.processes, grace_s, forwarding.signum)
+    sys.exit(128 + forwarding.signum)
+
+
+class _Stop(BaseException):
+    """Raised by the launcher's signal handler to leave `ProcessContext.join`, which waits through signals."""
+
+
+class _SignalForwarding:
+    """While active: SIGTERM and SIGINT reach this process's workers, and `signum` records the first one.
+
+    A terminal's Ctrl-C reaches the workers too (they share its process group); they take that
+    signal and the forwarded one as one (`stop_on_signals`).
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._processes: list = []
+        self._interruptible = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_SignalForwarding":
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def forward_to(self, processes: list) -> None:
+        self._processes = list(processes)
+        if self.signum:  # it came while they were being started
+            self._send(self.signum)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def _handle(self, signum: int, frame) -> None:
+        self._send(signum)  # a repeated signal too: a second Ctrl-C means hurry
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if first and self._interruptible:
+            raise _Stop()
+
+    def _send(self, signum: int) -> None:
+        for process in self._processes:
+            if process.is_alive():
+                try:
+                    os.kill(process.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+
+def _stop_within(processes: list, grace_s: float, signum: int) -> None:
+    """Wait up to `grace_s` seconds for `processes` to end after `signum`, then kill those still running."""
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    late = [index for index, process in enumerate(processes) if process.is_alive()]
+    for index in late:
+        processes[index].kill()
+        processes[index].join()
+    if late:
+        which = ", ".join(str(index) for index in late)
+        print(f"error: process {which} of {len(processes)} had not stopped {grace_s:g} s after "
+              f"{signal.Signals(signum).name} and was killed", file=sys.stderr)
 
 
 class LaunchError(RuntimeError):
@@ -240,8 +336,6 @@ class LaunchError(RuntimeError):
 
 def _describe_exit(code: int) -> str:
     if code < 0:
-        import signal
-
         try:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
@@ -253,6 +347,52 @@ def _worker_entry(index: int, n_processes: int, worker: Callable[[Any], None], a
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(n_processes),
                       LOCAL_WORLD_SIZE=str(n_processes))
     worker(argument)
+
+
+# ---- stopping a run on a signal --------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A signal repeated within this many seconds is the same one delivered twice: a terminal's Ctrl-C
+# reaches every process of its process group, and train.py's launcher forwards it as well.
+_REPEAT_S = 2.0
+_stop_signals: list[tuple[int, float]] = []  # (signal, time) of each one taken
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised where the run is, as Ctrl-C raises KeyboardInterrupt, so that its cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM raise `Terminated` (and SIGINT KeyboardInterrupt, as always) in this process's main thread.
+
+    Either way the run unwinds: the run directory's lock is released, a checkpoint being written is
+    left as `<dir>.partial` (which resuming deletes), and nothing keeps running. Under torchrun,
+    which forwards SIGTERM to its workers and kills them 30 s later, and under `launch` alike.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _stop_signals.clear()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+
+
+def stop_signal() -> Optional[int]:
+    """The first signal `stop_on_signals` has taken in this process, or None."""
+    return _stop_signals[0][0] if _stop_signals else None
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    now = time.monotonic()
+    if _stop_signals and now - _stop_signals[-1][1] < _REPEAT_S:
+        return
+    _stop_signals.append((signum, now))
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
 
 
 # ---- gradients of sharded parameters -------------------------------------------------------------

@@ -20,10 +20,12 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dpo.errors import ConfigError, RunDirError
-from dpo.rundir import CHECKPOINT_NAME, RESUME_STATE_FILE, checkpoint_step, describe_os_error, run_artifacts
+from dpo.errors import CheckpointError, ConfigError, RunDirError
+from dpo.rundir import (CHECKPOINT_NAME, RESUME_STATE_FILE, SETUP_FILES, checkpoint_step, describe_os_error,
+                        run_artifacts)
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
+OPTIMIZER_DIR = "optimizer"  # dpo.parallel's sharded optimizer state (torch.distributed.checkpoint)
 
 # What changes how the run is logged, evaluated or how long it lasts, but not the weights it reaches
 # at a given step. A dotted key is allowed if it or a prefix of it is listed. The number of
@@ -80,16 +82,90 @@ def resumable_checkpoint(run_dir: str) -> tuple[str, int]:
 
     Newest means the largest step, not `LATEST/`: a continued run writes `step-N/` beyond the step of
     the `LATEST/` its first part ended with. Call `repair_checkpoints` first, or a checkpoint that a
-    kill left as `X.previous/` is not seen.
+    kill left as `X.previous/` is not seen. The checkpoint's files are checked to be readable (the
+    optimizer state's and the weights' without reading their tensors), so that a damaged one is named
+    with the way to resume from the one before it, not found out halfway through loading.
     """
     _check_is_run_dir(run_dir)
     names = _checkpoint_names(run_dir)
-    found = [(checkpoint_step(run_dir, name), name == "LATEST", name) for name in names
-             if os.path.isfile(os.path.join(run_dir, name, RESUME_STATE_FILE))]
-    if not found:
+    resumable = [name for name in names if os.path.isfile(os.path.join(run_dir, name, RESUME_STATE_FILE))]
+    if not resumable:
         raise RunDirError(_nothing_to_resume(run_dir, names))
-    step, _, name = max(found)  # at equal steps LATEST wins: it holds the Hugging Face files too
+    found, damaged = [], {}
+    for name in resumable:
+        try:
+            found.append((checkpoint_step(run_dir, name), name == "LATEST", name))
+        except CheckpointError as error:  # LATEST, whose step is in the file that is damaged
+            damaged[name] = str(error)
+    found.sort(reverse=True)  # at equal steps LATEST wins: it holds the Hugging Face files too
+    newest = next(iter(damaged), None) or found[0][2]  # a damaged LATEST is the newest: it was written last
+    problem = damaged.get(newest) or _unreadable_file(os.path.join(run_dir, newest))
+    if problem:
+        earlier = [name for _, _, name in found if name != newest]
+        raise CheckpointError(f"{problem}, so {os.path.join(run_dir, newest)} cannot be resumed from; "
+                              + _damaged_fix(run_dir, newest, earlier[0] if earlier else None))
+    step, _, name = found[0]
     return os.path.join(run_dir, name), step
+
+
+def _unreadable_file(checkpoint: str) -> str | None:
+    """What is wrong with the first unreadable file of `checkpoint` (as a sentence's start), or None."""
+    for filename in (RESUME_STATE_FILE, "scheduler.pt", "policy.pt", "optimizer.pt"):
+        path = os.path.join(checkpoint, filename)
+        if filename == "optimizer.pt" and not os.path.exists(path):
+            if os.path.isdir(os.path.join(checkpoint, OPTIMIZER_DIR)):  # a parallel trainer's shards
+                if not os.path.isfile(os.path.join(checkpoint, OPTIMIZER_DIR, ".metadata")):
+                    return f"{os.path.join(checkpoint, OPTIMIZER_DIR)} lacks its .metadata file"
+                continue
+        try:
+            _read_payload(path, whole=filename in (RESUME_STATE_FILE, "scheduler.pt"))
+        except CheckpointError as error:
+            return str(error)
+    return None
+
+
+def _read_payload(path: str, whole: bool = True) -> dict:
+    """The `{"step_idx", "state", "metrics"}` dict in `path` (`whole=False`: its tensors are mapped, not read)."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=not whole)
+    except Exception as error:  # unpickling errors come in many types
+        raise CheckpointError(f"{path} is not readable ({_first_sentence(error)})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("state"), dict):
+        found = f"a dict of {', '.join(map(str, sorted(payload, key=str)))}" if isinstance(payload, dict) else \
+            f"a {type(payload).__name__}"
+        raise CheckpointError(f"{path} is not a checkpoint file: it holds {found}, not a dict with 'state'")
+    return payload
+
+
+def _first_sentence(error: Exception) -> str:
+    """The start of torch.load's error, whose first line goes on about weights_only for a paragraph."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
+def _damaged_fix(run_dir: str, name: str, earlier: str | None) -> str:
+    directory = os.path.join(run_dir, name)
+    keep = " (keep it: it holds the run's final weights)" if name == "LATEST" else ""
+    if earlier is not None:
+        return (f"to resume from the checkpoint before it, {os.path.join(run_dir, earlier)}, move it aside{keep}, "
+                f"e.g. mv {directory} {directory}.damaged")
+    return (f"no earlier checkpoint can be resumed from; start a new run (without resume=), from these weights with "
+            f"model.archive={os.path.join(directory, 'policy.pt')} if that file is intact")
+
+
+def read_train_state(checkpoint: str, keys: tuple[str, ...] = ("trainer", "world_size")) -> dict:
+    """The training state (counters, random states, ...) of `checkpoint`'s `RESUME_STATE_FILE`, holding `keys`."""
+    path = os.path.join(checkpoint, RESUME_STATE_FILE)
+    state = _read_payload(path)["state"]
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}, so it was not written by this project's trainers "
+                              "and cannot be resumed from; start a new run (without resume=)")
+    return state
 
 
 def _check_is_run_dir(run_dir: str) -> None:
@@ -110,8 +186,11 @@ def _checkpoint_names(run_dir: str) -> list[str]:
 
 def _nothing_to_resume(run_dir: str, names: list[str]) -> str:
     if not names:
+        again = "start the run again"
+        if not set(run_artifacts(run_dir)) <= set(SETUP_FILES):  # it trained, so a new run there must overwrite it
+            again += f" (into this directory with local_run_dir={run_dir} overwrite_run_dir=true, which deletes its files)"
         return (f"resume={run_dir} holds no checkpoint (the run stopped before writing its first one), so there "
-                "is nothing to resume; start the run again")
+                f"is nothing to resume; {again}")
     names = sorted(names, key=lambda name: float("inf") if name == "LATEST" else int(name[len("step-"):]))
     shown = ", ".join(f"{name}/" for name in names[:4]) + (", ..." if len(names) > 4 else "")
     newest = os.path.join(run_dir, names[-1], "policy.pt")  # LATEST, if any: the end of the run

@@ -35,7 +35,7 @@ from dpo.models import load_models, load_tokenizer
 from dpo.plot import plot_run_quietly
 from dpo.reference_cache import (CACHE_FOLDER, check_resumed_reference, fingerprint_of, reference_identity,
                                  write_reference_identity)
-from dpo.resume import repair_checkpoints, resumable_checkpoint, truncate_logs
+from dpo.resume import read_train_state, repair_checkpoints, resumable_checkpoint, truncate_logs
 from dpo.rundir import (RESUME_STATE_FILE, check_run_dir_is_free, describe_os_error, newest_checkpoint,
                         open_run_dir)
 from dpo.trainers import trainer_class
@@ -268,7 +268,7 @@ def _checkpoint_to_resume(run_dir: str) -> tuple[str, int]:
 
 
 def _train_state(checkpoint: str) -> dict:
-    return torch.load(os.path.join(checkpoint, RESUME_STATE_FILE), map_location="cpu", weights_only=True)["state"]
+    return read_train_state(checkpoint)
 
 
 def _check_same_processes(checkpoint: str, trainer: str, world_size: int) -> None:
