@@ -301,7 +301,8 @@ class BasicTrainer:
             computed_anywhere.update(part)
             seen.update(part_seen)
         self.reference_cache.n_pairs = len(seen)
-        if self.is_main_process:
+        if self.is_main_process and (computed_anywhere or not self.reference_cache.existed
+                                     or self.reference_cache.unreadable):
             self.reference_cache.save()
         if not self.settings.sample_during_eval:
             self.release_reference_model()
@@ -327,27 +328,34 @@ class BasicTrainer:
         if not math.isfinite(loss):  # sampling from such a model would fail with a torch error
             raise TrainingError(f"evaluation after {self.example_counter} examples gives loss/eval {loss}, so the "
                                 f"weights are broken; {self.divergence_advice()}; {self.last_checkpoint_note()}")
+        judged = {}
         if self.settings.sample_during_eval:
             lists.update(self.sample_and_judge())
+            judged = {"counters/sampled_prompts": self.sampled_prompts}
         metrics = mean_metrics(lists)
-        metrics.update({"counters/examples": self.example_counter, "counters/updates": self.batch_counter})
+        metrics.update({"counters/examples": self.example_counter, "counters/updates": self.batch_counter, **judged})
         if self.eval_batches:  # without eval pairs there is nothing to report, only the counters to return
             self.sink.log(metrics, self.example_counter, "eval")
         return metrics
 
     def sample_and_judge(self) -> dict[str, list[float]]:
-        """Sample the first `n_eval_model_samples` eval prompts from policy (and reference); judge where possible.
+        """Sample the first `n_eval_model_samples` distinct eval prompts from policy (and reference); judge
+        where possible.
 
-        Each data-parallel process samples its own slice of a batch; the rows are gathered in order.
+        A prompt with several pairs is sampled once, so each judged prompt counts once. Each
+        data-parallel process samples its own slice of a batch; the rows are gathered in order.
         """
         rows, scores = [], defaultdict(list)
-        remaining = self.settings.n_eval_model_samples
+        remaining, seen = self.settings.n_eval_model_samples, set()
         for batch_index, batch in enumerate(self.eval_batches):
             if remaining <= 0:
                 break
-            local_rows = self._rows_to_sample(batch, remaining)
+            local_rows, chosen = self._rows_to_sample(batch, remaining, seen)
+            remaining -= chosen
             if not self.processes.distributed:  # alone, sample only what is needed
-                batch = slice_batch(batch, 0, len(local_rows))
+                if not local_rows:
+                    continue
+                batch = slice_batch(batch, 0, local_rows[-1] + 1)
             samples = {"policy": self.generate(self.policy, batch)}
             if self.has_reference and batch_index not in self.reference_samples:
                 with self.reference_in_use() as reference_model:
@@ -357,9 +365,8 @@ class BasicTrainer:
             local = [self._judged_row(batch, index, samples) for index in local_rows]
             if self.processes.tp_rank != 0:  # tensor-parallel peers sampled the same rows
                 local = []
-            gathered = gather_objects((local, self._real_rows(batch)))
-            rows += [row for part, _ in gathered for row in part]
-            remaining -= sum(real for _, real in gathered) // self.processes.tp_size
+            rows += [row for part in gather_objects(local) for row in part]
+        self.sampled_prompts = len(rows)
         for row in rows:
             for role in ("policy", "reference"):
                 if f"judge_{role}" in row:
@@ -371,16 +378,22 @@ class BasicTrainer:
             self.sink.print("policy samples:\n" + "\n".join(repr(row["prompt"] + row["policy"]) for row in rows[:4]))
         return scores
 
-    def _rows_to_sample(self, batch: dict, remaining: int) -> list[int]:
-        """This process's rows of `batch` among the first `remaining` rows of the global batch."""
-        size = batch_size_of(batch)
-        first = self.processes.dp_rank * size  # processes hold equal contiguous slices
-        padding = batch.get("is_padding") or [False] * size
-        return [index for index in range(size) if first + index < remaining and not padding[index]]
-
-    @staticmethod
-    def _real_rows(batch: dict) -> int:
-        return batch_size_of(batch) - sum(batch.get("is_padding") or [])
+    def _rows_to_sample(self, batch: dict, remaining: int, seen: set) -> tuple[list[int], int]:
+        """(this process's rows of `batch` to sample, how many rows all processes sample): the first rows of the
+        global batch, in order, whose prompts are not in `seen`, at most `remaining`; the chosen prompts are
+        added to `seen` (every process makes the same choice)."""
+        padding = batch.get("is_padding") or [False] * batch_size_of(batch)
+        prompts = [None if pad else prompt for prompt, pad in zip(batch["prompt"], padding)]
+        by_dp_rank = dict(gather_objects((self.processes.dp_rank, prompts)))  # tensor-parallel peers agree
+        mine, chosen = [], 0
+        for dp_rank in sorted(by_dp_rank):
+            for index, prompt in enumerate(by_dp_rank[dp_rank]):
+                if chosen < remaining and prompt is not None and prompt not in seen:
+                    seen.add(prompt)
+                    chosen += 1
+                    if dp_rank == self.processes.dp_rank:
+                        mine.append(index)
+        return mine, chosen
 
     def _judged_row(self, batch: dict, index: int, samples: Mapping[str, list[str]]) -> dict:
         prompt = batch["prompt"][index]
