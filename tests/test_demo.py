@@ -20,6 +20,7 @@ import time
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -122,8 +123,9 @@ def test_generate_answers_both_completions_and_the_judges_scores(client, pair):
     ({"max_new_tokens": 0}, "max_new_tokens must be a whole number from 1 to 512, got 0"),
     ({"max_new_tokens": "ten"}, "max_new_tokens must be a whole number from 1 to 512, got 'ten'"),
     ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number from 1 to 512, got 2.5"),
-    ({"temperature": 0}, "temperature must be a number above 0 and at most 10, got 0"),
-    ({"temperature": "nan"}, "temperature must be a number above 0 and at most 10, got 'nan'"),
+    ({"temperature": 0}, "temperature must be a number from 0.01 to 10, got 0; tick greedy for the most likely tokens"),
+    ({"temperature": 1e-300}, "temperature must be a number from 0.01 to 10, got 1e-300; tick greedy for the most"),
+    ({"temperature": "nan"}, "temperature must be a number from 0.01 to 10, got 'nan'"),
     ({"top_p": 1.5}, "top_p must be a number above 0 and at most 1, got 1.5"),
     ({"seed": -1}, "seed must be a whole number from 0 to 4294967295, got -1"),
     ({"seed": True}, "seed must be a whole number from 0 to 4294967295, got True"),
@@ -136,6 +138,70 @@ def test_bad_input_is_refused_with_one_clear_message(client, fields, message):
     answer = client.post("/api/generate", json={"prompt": PROMPT, **fields})
     assert answer.status_code == 400
     assert message in answer.get_json()["error"]
+
+
+def test_a_lone_surrogate_and_json_nested_too_deep_are_a_400_not_a_500(client):
+    # was: HTTP 500 "generation failed (TypeError: TextEncodeInput must be Union[...])" from the tokenizer
+    answer = client.post("/api/generate", data='{"prompt": "abc\\ud800def"}', content_type="application/json")
+    assert answer.status_code == 400
+    assert answer.get_json()["error"] == ("the prompt holds a lone surrogate, U+D800 at character 3, which is half "
+                                          "of a character and not text: send the prompt as valid Unicode")
+    answer = client.post("/api/generate", data="[" * 100_000, content_type="application/json")
+    assert answer.status_code == 400 and "send a JSON object" in answer.get_json()["error"]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(client):
+    # was: any size parsed (a 200 MB body was read, then refused; five at once took the process to 1.95 GB)
+    from dpo.demo import MAX_PROMPT_CHARS, MAX_REQUEST_BYTES
+
+    message = "the request body is over 256 KiB, more than a prompt of 20000 characters needs: shorten the prompt"
+    answer = client.post("/api/generate", data=b" " * (MAX_REQUEST_BYTES + 1), content_type="application/json")
+    assert answer.status_code == 413 and answer.get_json() == {"error": message}
+    page = client.post("/", data={"prompt": "x" * MAX_REQUEST_BYTES})
+    assert page.status_code == 413 and message in page.get_data(as_text=True)
+    # the longest prompt allowed fits, even of 4-byte characters escaped as JSON surrogate pairs (12 bytes each)
+    longest = '{"prompt": "' + "\\ud83d\\ude00" * MAX_PROMPT_CHARS + '"}'
+    assert len(longest.encode()) <= MAX_REQUEST_BYTES
+    answer = client.post("/api/generate", data=longest, content_type="application/json")
+    assert answer.status_code == 400 and "go past the model's context" in answer.get_json()["error"]
+
+
+FOREIGN = "refused: this request comes from the page {!r}, not from the demo's own, and another site must not " \
+          "drive generations; open {} and generate there"
+
+
+@pytest.mark.parametrize("headers, sender", [
+    ({"Origin": "http://evil.example"}, "http://evil.example"),
+    ({"Origin": "null"}, "null"),  # a sandboxed frame on any site
+    ({"Referer": "http://evil.example/page.html"}, "http://evil.example/page.html"),
+    ({"Origin": "http://127.0.0.1:9999"}, "http://127.0.0.1:9999"),  # another port: another site
+])
+def test_a_post_from_another_sites_page_is_refused(pair, run_dir, headers, sender):
+    # was: answered (the form route took cross-origin POSTs, and any Host)
+    client = create_app(pair, str(run_dir), DemoTask(), port=7860).test_client()
+    host = {"Host": "127.0.0.1:7860"}
+    answer = client.post("/api/generate", json={"prompt": PROMPT}, headers={**host, **headers})
+    assert answer.status_code == 403
+    assert answer.get_json() == {"error": FOREIGN.format(sender, "http://127.0.0.1:7860/")}
+    form = client.post("/", data={"prompt": PROMPT}, headers={**host, **headers})
+    assert form.status_code == 403 and form.get_data(as_text=True) == FOREIGN.format(sender, "http://127.0.0.1:7860/") + "\n"
+
+
+def test_only_the_demos_own_addresses_are_answered(pair, run_dir):
+    client = create_app(pair, str(run_dir), DemoTask(), port=7860, allow_hosts=["localhost:8000"]).test_client()
+    fields = {"prompt": PROMPT, "max_new_tokens": 2}
+    for host in ("127.0.0.1:7860", "localhost:7860", "[::1]:7860", "LOCALHOST:7860", "localhost:8000"):
+        assert client.get("/", headers={"Host": host}).status_code == 200, host
+        own = {"Host": host, "Origin": f"http://{host}"}
+        assert client.post("/api/generate", json=fields, headers=own).status_code == 200, host
+    assert client.post("/api/generate", json=fields, headers={"Host": "127.0.0.1:7860",
+                                                              "Origin": "http://localhost:7860"}).status_code == 200
+    for host in ("evil.example:7860", "127.0.0.1:7861", "localhost", "127.0.0.1.evil.example:7860"):
+        answer = client.get("/", headers={"Host": host})  # DNS rebinding: another name for this machine's address
+        assert answer.status_code == 403, host
+        assert answer.get_data(as_text=True).startswith(f"refused: Host {host!r} is not an address of this demo")
+        assert f"start the demo with --allow-host {host}" in answer.get_data(as_text=True)
+        assert client.post("/api/generate", json=fields, headers={"Host": host}).status_code == 403
 
 
 def test_a_prompt_the_judge_cannot_score_still_gets_both_completions(client):
@@ -320,6 +386,37 @@ def replace_text(browser, element_id: str, text: str) -> None:
     element.send_keys(text)
 
 
+def test_the_running_server_refuses_oversized_and_foreign_requests(demo_url):
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    address = urlsplit(demo_url)
+
+    def post(headers: dict, body: bytes = b"", length: Optional[int] = None):
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        connection.putrequest("POST", "/api/generate", skip_host=True)
+        for name, value in {"Host": address.netloc, "Content-Type": "application/json",
+                            "Content-Length": str(len(body) if length is None else length), **headers}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        answer = (response.status, json.loads(response.read()))
+        connection.close()
+        return answer
+
+    fields = json.dumps({"prompt": PROMPT, "max_new_tokens": 4}).encode()
+    # 200 MB announced and none of it sent: refused at once, from the header, never read
+    status, answer = post({}, length=200_000_000)
+    assert status == 413 and "the request body is over 256 KiB" in answer["error"]
+    status, answer = post({"Origin": "http://evil.example"}, fields)
+    assert status == 403 and answer["error"].startswith("refused: this request comes from the page 'http://evil")
+    status, answer = post({"Host": f"evil.example:{address.port}"}, fields)
+    assert status == 403 and answer["error"].startswith("refused: Host 'evil.example:")
+    status, answer = post({"Origin": f"http://{address.netloc}"}, fields)
+    assert status == 200 and {"policy", "reference"} <= set(answer)
+
+
 def test_a_person_generates_and_looks_at_the_plots_in_a_browser(browser, demo_url, pair, run_dir, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -336,7 +433,8 @@ def test_a_person_generates_and_looks_at_the_plots_in_a_browser(browser, demo_ur
     browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 30).until(lambda _: state() == "error")
     error = browser.find_element(By.ID, "error")
-    assert error.is_displayed() and error.text == "temperature must be a number above 0 and at most 10, got '0'"
+    assert error.is_displayed() and error.text == ("temperature must be a number from 0.01 to 10, got '0'; tick "
+                                                   "greedy for the most likely tokens")
 
     replace_text(browser, "temperature", "1")
     browser.find_element(By.ID, "generate").click()
