@@ -3,12 +3,15 @@
     python examples/python_api.py            # the README's numbers: a few minutes on a laptop CPU
     python examples/python_api.py --quick    # a smoke run of a few seconds
 
+The fine-tuned model is saved to --output-dir (default runs/python_api/fine-tuned-model, which git ignores).
+
 The model is the `tiny` GPT-NeoX of config/model/tiny.yaml, built here with transformers; the data is the
 toy task (reverse a word) as (prompt, chosen, rejected) tuples. Any causal LM and tokenizer from
 transformers work the same way, and so does a list of dicts or a `datasets.Dataset`.
 """
 
 import argparse
+import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -27,6 +30,8 @@ def toy_pairs(split: str) -> list[tuple[str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage, to check the setup")
+    parser.add_argument("--output-dir", default=os.path.join("runs", "python_api", "fine-tuned-model"),
+                        help="where to save the fine-tuned model and tokenizer (save_pretrained)")
     args = parser.parse_args()
     length = {"n_examples": 64} if args.quick else {}
 
@@ -53,9 +58,9 @@ def main() -> None:
     after = dpo.train()
     for key in ("rewards_eval/accuracies", "rewards_eval/margins", "logps_eval/chosen"):
         print(f"{key}: {before[key]:.3f} before DPO, {after[key]:.3f} after")
-    model.save_pretrained("fine-tuned-model")
-    tokenizer.save_pretrained("fine-tuned-model")
-    print(f"saved fine-tuned-model/; the runs' logs and checkpoints: {sft.run_dir}, {dpo.run_dir}")
+    model.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"saved {args.output_dir}/; the runs' logs and checkpoints: {sft.run_dir}, {dpo.run_dir}")
 
 
 if __name__ == "__main__":
