@@ -3,7 +3,7 @@
 # Prints held-out reward accuracy and the judge's score of DPO policy samples against the SFT model's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pip install -q torch==2.13.0 && pip install -q -e .
+pip install -q torch==2.13.0 && pip install -q -e ".[plot]"  # plot: the figures each run writes to plots/
 # overwrite_run_dir=true: rerunning the quick start replaces its own earlier runs (any other run directory
 # that already holds a run is refused).
 python train.py loss=sft exp_name=toy_sft local_run_dir=runs/toy_sft wandb.enabled=false overwrite_run_dir=true
