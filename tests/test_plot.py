@@ -211,3 +211,30 @@ def test_a_real_short_sft_run(tmp_path, needs_matplotlib):
     assert names == ["loss.png", "logps.png", "judge.png", "overview.png"]
     for path in paths:
         assert_png(path)
+
+
+def test_huge_and_non_finite_metrics_are_left_out_with_a_note(tmp_path, capsys, needs_matplotlib):
+    # was: ValueError: arange: cannot compute length (matplotlib's ticks over ±1e308), a traceback
+    records = dpo_records(n_train=20, eval_every=5)
+    for index, record in enumerate(records):
+        if record["event"] == "train" and index > 20:
+            record["loss/train"] = 1e308 if index % 2 else -1e308  # a run that diverged
+    records[-1]["rewards_train/margins"] = float("inf")  # json writes Infinity, which json reads back
+    records[0]["loss/eval"] = float("nan")
+    run_dir = write_run(tmp_path / "diverged", records)
+    assert plot.main([run_dir]) == 0
+    captured = capsys.readouterr()
+    n_huge = sum(1 for record in records if abs(record.get("loss/train") or 0) == 1e308)
+    assert captured.err == (f"note: {n_huge + 2} logged values left out of the plots as null, non-finite or beyond "
+                            f"±1e100 (loss/eval: 1, loss/train: {n_huge}, rewards_train/margins: 1); a run that "
+                            "logs such values has diverged\n")
+    for name in DPO_FIGURES:
+        assert_png(tmp_path / "diverged" / "plots" / name)
+    assert plot.series(records, "train", "loss/train")[1] and max(plot.series(records, "train", "loss/train")[1]) < 1
+
+    everything_huge = write_run(tmp_path / "only_huge", [{"event": "train", "step": 32, "loss/train": 1e308}])
+    assert plot.main([everything_huge]) == 1
+    error = capsys.readouterr().err
+    assert "note: 1 logged value left out" in error and "every value the runs logged is left out" in error
+    assert "Traceback" not in error and not (tmp_path / "only_huge" / "plots").exists()
+    assert "1 logged value left out" in plot.plot_run_quietly(everything_huge)
