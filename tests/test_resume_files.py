@@ -46,7 +46,7 @@ def make_run(tmp_path: Path) -> Path:
 
 
 def states(step: int, resumable: bool = True) -> dict:
-    found = {"policy.pt": {"w": torch.full((2,), float(step))}, "optimizer.pt": {"state": {}}}
+    found = {"policy.pt": {"w": torch.full((2,), float(step))}, "optimizer.pt": {"state": {}}, "scheduler.pt": {}}
     if resumable:
         found[RESUME_STATE_FILE] = {"example_counter": step}
     return found
@@ -182,7 +182,7 @@ while True:
     step += 64
     for tensor in policy.values():
         tensor.fill_(float(step))
-    states = {"policy.pt": policy, "train_state.pt": {"example_counter": step}}
+    states = {"policy.pt": policy, "optimizer.pt": {}, "scheduler.pt": {}, "train_state.pt": {"example_counter": step}}
     for name in (f"step-{step}", "LATEST"):
         write_checkpoint(os.path.join(run, name), step, {}, states)
         print(name, step, flush=True)
@@ -293,7 +293,9 @@ def test_an_unreadable_latest_train_state_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="is not readable") as caught:
         resumable_checkpoint(str(run))
     assert str(run / "LATEST" / RESUME_STATE_FILE) in str(caught.value)
-    assert f"delete {run / 'LATEST'}" in str(caught.value)
+    # LATEST holds the run's final weights: moved aside, not deleted
+    assert (f"to resume from the checkpoint before it, {run / 'step-64'}, move it aside (keep it: it holds the run's "
+            f"final weights), e.g. mv {run / 'LATEST'} {run / 'LATEST'}.damaged") in str(caught.value)
 
     torch.save({"state": {}}, run / "LATEST" / RESUME_STATE_FILE)
     with pytest.raises(CheckpointError, match="holds no integer step_idx"):
