@@ -6,12 +6,14 @@
 
 A run directory (or one of its checkpoints, `LATEST/` by default) is rebuilt from the run's config.yaml:
 the policy from the checkpoint, the reference as the run started (its `model.archive`, its hub or local
-model, or the same fresh initialisation), unless `--reference` names another model to compare with. A
-plain Hugging Face model directory needs `--reference`. Prompts come from a text file (one per line), a
-.jsonl file (a `prompt` field per row), or a dataset name or path as in `datasets=[...]` (its test
-split). Both models sample with the same seed. For a dataset with a judge (`toy`), both completions are
-scored and the policy's win rate reported. Writes `generations.jsonl` and `generations.md` to `--out`
-(default `RUN_DIR/generations/`) and prints a short table.
+model, or the same fresh initialisation), unless `--reference` names another model to compare with; a
+LoRA run's reference is its policy with the adapters off, as in training. A plain Hugging Face model
+directory needs `--reference`. Prompts come from a UTF-8 text file (one per line), a .jsonl file (a
+`prompt` field per row; a byte-order mark is fine), or a dataset name or path as in `datasets=[...]`
+(its test split). Both models sample with the same seed, at a temperature of at least 0.01 (below it,
+sampling overflows; `--greedy` takes the most likely tokens). For a dataset with a judge (`toy`), both
+completions are scored and the policy's win rate reported. Writes `generations.jsonl` and
+`generations.md` to `--out` (default `RUN_DIR/generations/`) and prints the first 8 rows.
 """
 
 from __future__ import annotations
