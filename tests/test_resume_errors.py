@@ -70,32 +70,29 @@ def without_state(path: Path) -> None:
     torch.save({"step_idx": 16, "metrics": {}}, path)
 
 
-@pytest.mark.parametrize("damage, filename, reason", [
-    (garbage, "train_state.pt", "is not readable (Weights only load failed)"),
-    (truncated, "train_state.pt", "is not readable ("),
-    (without_state, "train_state.pt", "is not a checkpoint file: it holds a dict of metrics, step_idx, not a dict "
-                                      "with 'state'"),
-    (truncated, "optimizer.pt", "is not readable (PytorchStreamReader failed reading zip archive"),
-])
-def test_a_damaged_step_checkpoint_is_named_with_the_one_before_it(finished_run, tmp_path, damage, filename, reason):
-    run = copy_of(finished_run, tmp_path, without=[name for name in os.listdir(finished_run)
-                                                   if name == "LATEST" or name.startswith("step-") and
-                                                   name not in ("step-8", "step-16")])
-    damage(run / "step-16" / filename)
+def only(run: Path, *kept: str) -> list[str]:
+    """The checkpoints of `run` other than `kept`."""
+    return [name for name in os.listdir(run) if (name == "LATEST" or name.startswith("step-")) and name not in kept]
+
+
+def test_a_damaged_step_checkpoint_is_named_with_the_one_before_it(finished_run, tmp_path):
+    run = copy_of(finished_run, tmp_path, without=only(finished_run, "step-8", "step-16"))
+    garbage(run / "step-16" / "train_state.pt")
     before = snapshot(run)
     message = refused(train(f"resume={run}", "n_examples=32"))
-    assert message.startswith(f"{run}/step-16/{filename} {reason}"), message
-    assert message.endswith(f", so {run}/step-16 cannot be resumed from; to resume from the checkpoint before it, "
-                            f"{run}/step-8, move it aside, e.g. mv {run}/step-16 {run}/step-16.damaged"), message
+    assert message == (f"{run}/step-16/train_state.pt is not readable (Weights only load failed), so {run}/step-16 "
+                       f"cannot be resumed from; to resume from the checkpoint before it, {run}/step-8, move it aside, "
+                       f"e.g. mv {run}/step-16 {run}/step-16.damaged")
     assert snapshot(run) == before
 
 
-def test_following_the_advice_resumes_from_the_checkpoint_before(finished_run, tmp_path):
-    run = copy_of(finished_run, tmp_path, without=[name for name in os.listdir(finished_run)
-                                                   if name == "LATEST" or name.startswith("step-") and
-                                                   name not in ("step-8", "step-16")])
+def test_following_the_advice_for_a_truncated_optimizer_file_resumes_from_the_checkpoint_before(finished_run, tmp_path):
+    run = copy_of(finished_run, tmp_path, without=only(finished_run, "step-8", "step-16"))
     truncated(run / "step-16" / "optimizer.pt")
-    refused(train(f"resume={run}"))
+    message = refused(train(f"resume={run}"))
+    assert message.startswith(f"{run}/step-16/optimizer.pt is not readable (PytorchStreamReader failed reading zip "
+                              "archive: failed finding central directory), so "), message
+    assert message.endswith(f"e.g. mv {run}/step-16 {run}/step-16.damaged")
     os.rename(run / "step-16", run / "step-16.damaged")
     result = train(f"resume={run}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -103,10 +100,26 @@ def test_following_the_advice_resumes_from_the_checkpoint_before(finished_run, t
     assert (run / "LATEST" / "policy.pt").is_file() and (run / "step-16.damaged").is_dir()
 
 
+@pytest.mark.parametrize("damage, reason", [
+    (truncated, "is not readable ("),
+    (without_state, "is not a checkpoint file: it holds a dict of metrics, step_idx, not a dict with 'state'"),
+])
+def test_other_damaged_train_states_are_named_too(finished_run, tmp_path, damage, reason):
+    # the same check as above, which train.py runs before loading anything; called directly to save a process
+    from dpo.errors import CheckpointError
+    from dpo.resume import resumable_checkpoint
+
+    run = copy_of(finished_run, tmp_path, without=only(finished_run, "step-8", "step-16"))
+    damage(run / "step-16" / "train_state.pt")
+    with pytest.raises(CheckpointError) as caught:
+        resumable_checkpoint(str(run))
+    assert str(caught.value).startswith(f"{run}/step-16/train_state.pt {reason}")
+    assert str(caught.value).endswith(f"to resume from the checkpoint before it, {run}/step-8, move it aside, e.g. "
+                                      f"mv {run}/step-16 {run}/step-16.damaged")
+
+
 def test_the_only_checkpoint_damaged_says_to_start_a_new_run_from_its_weights(finished_run, tmp_path):
-    run = copy_of(finished_run, tmp_path, without=[name for name in os.listdir(finished_run)
-                                                   if name == "LATEST" or name.startswith("step-") and
-                                                   name != "step-8"])
+    run = copy_of(finished_run, tmp_path, without=only(finished_run, "step-8"))
     garbage(run / "step-8" / "train_state.pt")
     message = refused(train(f"resume={run}"))
     assert message.endswith(f", so {run}/step-8 cannot be resumed from; no earlier checkpoint can be resumed from; "

@@ -210,7 +210,7 @@ def test_a_run_that_fails_while_loading_its_model_leaves_nothing(tmp_path):
     archive = tmp_path / "policy.pt"  # readable, but not the tiny model's weights: load_models refuses it
     torch.save({"step_idx": 0, "state": {"w": torch.zeros(2)}, "metrics": {}}, archive)
     run_dir = tmp_path / "run"
-    command = [sys.executable, "train.py", *RUN, "n_examples=16", f"local_run_dir={run_dir}"]
+    command = [sys.executable, "train.py", *RUN, "n_examples=8", f"local_run_dir={run_dir}"]
     result = subprocess.run([*command, f"model.archive={archive}"], cwd=REPO, env=ENV, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]
