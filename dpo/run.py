@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -36,8 +35,7 @@ from dpo.plot import plot_run_quietly
 from dpo.reference_cache import (CACHE_FOLDER, check_resumed_reference, fingerprint_of, reference_identity,
                                  write_reference_identity)
 from dpo.resume import read_train_state, repair_checkpoints, resumable_checkpoint, truncate_logs
-from dpo.rundir import (RESUME_STATE_FILE, check_run_dir_is_free, describe_os_error, newest_checkpoint,
-                        open_run_dir)
+from dpo.rundir import check_run_dir_is_free, describe_os_error, newest_checkpoint, open_run_dir
 from dpo.trainers import trainer_class
 
 

@@ -115,7 +115,8 @@ def _remove_empty_directory(run_dir: str) -> None:
 # NFSv3, part of the protocol in NFSv4), which exclude processes on every host; a client mounted with
 # `nolock` or `local_lock=flock|all` (or Lustre without `-o flock`) locks only among its own
 # processes, so two hosts could each hold it: the owner's host is kept in the file for that reason.
-# Where flock fails outright (ENOLCK, EOPNOTSUPP, ...), the run goes ahead with a warning.
+# Where flock fails outright (ENOLCK, EOPNOTSUPP, ...), the run goes ahead with a warning. The descriptor is not
+# inherited by programs the run starts (wandb's service); a fork() without exec shares the lock until it exits.
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF)
 
 
