@@ -163,6 +163,13 @@ def explained_weight_errors(key: str, name: str):
         raise ConfigError(f"could not load {key}={name}: {_weight_file(name, 'bin')} cannot be read as plain "
                           f"weights ({reason}); save the model again with save_pretrained (safetensors) from a copy "
                           "you trust, or download it again") from None
+    except OSError as error:  # a truncated pytorch_model.bin fails its memory map with EINVAL
+        if error.errno is None or not os.path.isdir(name):
+            raise  # transformers' own "no file named ..." errors: explained_load_errors says those
+        kind = "safetensors" if glob.glob(os.path.join(glob.escape(name), "model*.safetensors")) else "bin"
+        raise ConfigError(f"could not load {key}={name}: {_weight_file(name, kind)} is damaged "
+                          f"({error.strerror or error} while reading it), as an interrupted copy or download leaves "
+                          "it; save the model again with save_pretrained, or download it again") from None
 
 
 def _weight_file(name: str, kind: str) -> str:

@@ -55,21 +55,26 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def broken_models(tmp_path_factory):
-    """Two GPT-2 directories saved with save_pretrained, then broken: `truncated` (model.safetensors cut in half)
-    and `refused` (a pytorch_model.bin that pickles a class, and no safetensors)."""
+    """GPT-2 directories saved with save_pretrained, then broken: `truncated` (model.safetensors cut in half),
+    `refused` (a pytorch_model.bin that pickles a class, and no safetensors) and `truncated_bin` (a pytorch_model.bin
+    cut in half, and no safetensors)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("broken_models")
     tokenizer = build_char_tokenizer()
     model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=64, vocab_size=len(tokenizer),
                                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
-    for name in ("truncated", "refused"):
+    for name in ("truncated", "refused", "truncated_bin"):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     weights = root / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     (root / "refused" / "model.safetensors").unlink()
     torch.save({**model.state_dict(), "extra": NotAWeight()}, root / "refused" / "pytorch_model.bin")
+    (root / "truncated_bin" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), root / "truncated_bin" / "pytorch_model.bin")
+    weights = root / "truncated_bin" / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     return root
 
 
@@ -179,6 +184,7 @@ def test_a_truncated_safetensors_under_model_name_or_path_is_one_sentence(broken
     ("refused", "{dir}/pytorch_model.bin cannot be read as plain weights (it pickles {cls}, "
                 "which torch.load(weights_only=True) refuses to run); save the model again with save_pretrained "
                 "(safetensors) from a copy you trust, or download it again"),
+    ("truncated_bin", "{dir}/pytorch_model.bin is damaged ("),
 ])
 def test_a_broken_reference_directory_is_one_sentence(runs, broken_models, tmp_path, capsys, name, message):
     # was: SafetensorError / _pickle.UnpicklingError ("Weights only load failed ...", 10 lines) tracebacks
