@@ -184,7 +184,8 @@ def test_a_post_from_another_sites_page_is_refused(pair, run_dir, headers, sende
     assert answer.status_code == 403
     assert answer.get_json() == {"error": FOREIGN.format(sender, "http://127.0.0.1:7860/")}
     form = client.post("/", data={"prompt": PROMPT}, headers={**host, **headers})
-    assert form.status_code == 403 and form.get_data(as_text=True) == FOREIGN.format(sender, "http://127.0.0.1:7860/") + "\n"
+    refused = FOREIGN.format(sender, "http://127.0.0.1:7860/")
+    assert form.status_code == 403 and form.get_data(as_text=True) == refused + "\n"
 
 
 def test_only_the_demos_own_addresses_are_answered(pair, run_dir):
