@@ -126,7 +126,11 @@ class TruncatedTies:
         unknown = {ord(character): "\0" for character in unknown_characters}
 
         def same_once_truncated(prompt: str, chosen: str, rejected: str) -> bool:
-            if shared_start(chosen.translate(unknown), rejected.translate(unknown)) < self.shortest_shared_start:
+            if unknown:
+                chosen_start, rejected_start = chosen.translate(unknown), rejected.translate(unknown)
+            else:
+                chosen_start, rejected_start = chosen, rejected
+            if shared_start(chosen_start, rejected_start) < self.shortest_shared_start:
                 return False
             element = tokenize_batch_element(prompt, chosen, rejected, truncation_mode, self.tokenizer,
                                              self.max_length, self.max_prompt_length, eos_allowed=True)

@@ -144,6 +144,21 @@ def test_a_system_column_beside_a_question_is_kept(tmp_path, char):
     assert load_source(source, "train", silent=True, tokenizer=tagged).truncation_mode == "keep_end"
 
 
+def test_system_prompts_in_memory_and_in_a_columns_mapping(tmp_path, char):
+    from dpo.data.memory import InMemoryPairs
+
+    rows = [{"system": "Be brief.", "prompt": hh("hi"), "chosen": " hello", "rejected": " go away"}]
+    assert pairs_of(InMemoryPairs(rows, tokenizer=char).load("train")) == {"Be brief." + hh("hi"): [(" hello",
+                                                                                                    " go away")]}
+    as_chat = load_tokenizer({"tokenizer_name_or_path": "char", "string_prompts_as_chat": True})
+    assert pairs_of(InMemoryPairs([("hi", "hello", "go away")], tokenizer=as_chat).load("train")) == \
+        {hh("hi"): [(" hello", " go away")]}
+    renamed = [{"sys": "Be brief.", "q": f"say {w}", "a": w, "b": "no"} for w in WORDS]
+    path = str(fx.write_jsonl(tmp_path / "renamed.jsonl", renamed))
+    entry = {"path": path, "columns": {"system": "sys", "prompt": "q", "chosen": "a", "rejected": "b"}}
+    assert pairs_of(both_splits(entry, char))["Be brief.\n\nsay yes"] == [("yes", "no")]
+
+
 def test_alpaca_instruction_and_input_are_joined_after_the_history(tmp_path, char):
     data = both_splits(write_json(tmp_path / "alpaca.json", alpaca_rows()), char)
     prompt = "Be exact." + hh("hi", "hello", "Translate to English.\nle mot often")
