@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -254,7 +253,8 @@ def test_model_chat_template_takes_a_file_or_a_string_and_refuses_neither(tmp_pa
     with pytest.raises(ConfigError) as error:
         load_tokenizer({"tokenizer_name_or_path": "char", "chat_template": str(tmp_path / "missing.jinja")})
     assert str(error.value) == (f"model.chat_template={tmp_path / 'missing.jinja'} is neither a file nor a Jinja "
-                                "template (no {{ or {% in it); give the path of a template file, or the template itself")
+                                "template (no {{ or {% in it); give the path of a template file, or the template "
+                                "itself")
     with pytest.raises(ConfigError, match=r"^model.chat_template cannot render a user and an assistant turn"):
         load_tokenizer({"tokenizer_name_or_path": "char", "chat_template": "{% for m in messages %}{{ m"})
 
@@ -297,8 +297,9 @@ def assert_trained(result: subprocess.CompletedProcess, run_dir: Path) -> list[d
 def test_train_py_trains_on_every_layout_as_a_plain_path(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    zh = [{"conversations": [{"from": "human", "value": "请" * 60 + str(i)}], "chosen": {"from": "gpt", "value": "好" * 20},
-           "rejected": {"from": "gpt", "value": "坏" * 20}} for i in range(4)]
+    zh = [{"conversations": [{"from": "human", "value": "请" * 60 + str(i)}],
+           "chosen": {"from": "gpt", "value": "好" * 20}, "rejected": {"from": "gpt", "value": "坏" * 20}}
+          for i in range(4)]
     paths = [write_json(data / "sharegpt.json", sharegpt_rows() + zh),
              str(fx.write_jsonl(data / "orca.jsonl", orca_rows())),
              write_json(data / "alpaca.json", alpaca_rows()),

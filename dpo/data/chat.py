@@ -91,7 +91,7 @@ def read_chat_template(value: str) -> str:
     return value
 
 
-def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+def check_chat_template(tokenizer) -> None:
     """Render a two-turn conversation with the template, so that a broken one stops the run before any data."""
     try:
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from dpo.data import PreferenceData, PreferenceSource, SplitData, is_local_path, load_hub_dataset
 from dpo.data.chat import ChatRenderer
