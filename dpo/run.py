@@ -24,6 +24,7 @@ from dpo.batching import get_batch_iterator
 from dpo.checkpoints import read_archive
 from dpo.config import get_local_dir, validate_config
 from dpo.data import dataset_source
+from dpo.data.chat import set_string_prompts_as_chat
 from dpo.distributed import (Processes, barrier, broadcast_object, check_batch_layout, init_processes,
                              main_process_first, shutdown, stop_on_signals, stop_signal)
 from dpo.errors import CheckpointError, ConfigError, RunDirError, UserError
@@ -218,6 +219,8 @@ def _load_data(config: DictConfig, processes: Processes, loss, cache_dir: str, s
     """(tokenizer, this process's train batches from example `step` on, its eval batches)."""
     with main_process_first():  # the main process fills the download cache, the others read it
         tokenizer = given.tokenizer or load_tokenizer(config.model, cache_dir=cache_dir)
+        if given.tokenizer is not None and config.model.get("string_prompts_as_chat"):
+            set_string_prompts_as_chat(tokenizer, True)  # what load_tokenizer does for a tokenizer it loads
         options = dict(names=_dataset_entries(config, given), tokenizer=tokenizer, max_length=config.max_length,
                        max_prompt_length=config.max_prompt_length, sft_mode=not loss.uses_pairs, seed=config.seed,
                        cache_dir=cache_dir, silent=not processes.is_main, dp_rank=processes.dp_rank,

@@ -374,3 +374,29 @@ except ConfigError as error:
         "(transformers 5 builds an empty one from GPT2TokenizerFast(vocab_file=..., merges_file=...)), or set "
         "model.tokenizer_name_or_path to it")
     assert not (tmp_path / "run").exists()
+
+
+def test_api_renders_string_prompts_as_chat_when_asked(tmp_path):
+    # The setting reaches a tokenizer the caller hands over: a template-less GPT-2 tokenizer is then refused.
+    if not GPT2.is_dir():
+        pytest.skip("../shared/tokenizers/gpt2 is absent")
+    script = f"""
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
+from dpo import DPOTrainer
+from dpo.errors import UserError
+tokenizer = AutoTokenizer.from_pretrained({str(GPT2)!r})
+model = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=16,
+    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+try:
+    DPOTrainer(model=model, tokenizer=tokenizer, dataset=[("Say yes.", " yes", " no")] * 8, beta=0.1, batch_size=4,
+               string_prompts_as_chat=True, local_run_dir={str(tmp_path / 'run')!r}).train()
+except UserError as error:
+    print(error)
+    sys.exit(3)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "string rows to render as chat (model.string_prompts_as_chat=true" in result.stdout
+    assert not (tmp_path / "run").exists()

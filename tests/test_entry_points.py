@@ -109,7 +109,8 @@ def test_python_api_example_quick(tmp_path):
     finished = run(str(REPO / "examples" / "python_api.py"), "--quick", cwd=tmp_path, timeout=600)
     assert succeeded(finished), finished.stderr[-3000:]
     assert "rewards_eval/accuracies" in finished.stdout
-    assert not (REPO / "fine-tuned-model").exists()
+    assert (tmp_path / "runs" / "python_api" / "fine-tuned-model" / "config.json").is_file()
+    assert not (tmp_path / "fine-tuned-model").exists()
 
 
 @pytest.mark.parametrize("script", ["benchmarks/dpo_step.py", "benchmarks/loss_family.py", "benchmarks/hh_runs.py",
