@@ -220,8 +220,12 @@ def _check_has_pairs(name: str, split: str, loaded: SplitData) -> None:
 
 
 def _check_no_eos_text(name: str, split: str, prompt: str, example: dict, eos_text: str) -> None:
-    texts = [("prompt", prompt), ("SFT target", example["sft_target"])]
-    texts += [("response", example["responses"][i]) for pair in example["pairs"] for i in pair]
+    responses = example["responses"]
+    texts = [("prompt", prompt)]
+    texts += [(label, responses[index]) for chosen, rejected in example["pairs"]
+              for label, index in (("chosen response", chosen), ("rejected response", rejected))]
+    if example["sft_target"] and example["sft_target"] not in responses:  # usually the chosen response itself
+        texts.append(("SFT target", example["sft_target"]))
     for label, text in texts:
         if eos_text in text:
             raise DataError(f"dataset {name} ({split}): the {label} of prompt {_excerpt(prompt)} contains the "

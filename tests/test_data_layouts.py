@@ -400,3 +400,17 @@ except UserError as error:
     assert result.returncode == 3, result.stderr[-2000:]
     assert "string rows to render as chat (model.string_prompts_as_chat=true" in result.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_eos_text_in_a_chosen_response_is_named_as_the_chosen_response(tmp_path):
+    rows = [{"prompt": f"\n\nHuman: say {word}\n\nAssistant:", "chosen": f" {word}", "rejected": f" not {word}"}
+            for word in ("yes", "no", "maybe", "always", "never", "often", "seldom", "twice")]
+    rows[0]["chosen"] = " yes<|endoftext|>"
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = train_py(tmp_path / "run", f"datasets=[{path}]")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: dataset {path} (train): the chosen response of prompt '\\n\\nHuman: say yes\\n\\nAssistant:' "
+        "contains the tokenizer's EOS text '<|endoftext|>'; remove it from the data (EOS is appended automatically)"]
+    assert not (tmp_path / "run").exists()
