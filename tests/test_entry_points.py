@@ -2,7 +2,8 @@
 
 Inside pytest's process, state left by other tests (a registered Hydra resolver, an imported module,
 a changed working directory) can make a broken command pass; `benchmarks/dpo_step.py` was broken on
-main exactly that way. Each test here checks the exit code, what the command printed and the files
+main exactly that way (it runs for real in test_benchmark.py, the API example in test_reference_identity.py,
+train.py's command-line errors in test_command_line.py). Each test here checks the exit code, what the command printed and the files
 it wrote. The commands that train for minutes (the quick start, the loss-family and HH benchmarks)
 are checked as far as they go without training: their argument parsing and imports.
 """
@@ -105,16 +106,9 @@ def test_demo_serves_its_page(sft_run):
         server.wait(timeout=30)
 
 
-def test_python_api_example_quick(tmp_path):
-    finished = run(str(REPO / "examples" / "python_api.py"), "--quick", cwd=tmp_path, timeout=600)
-    assert succeeded(finished), finished.stderr[-3000:]
-    assert "rewards_eval/accuracies" in finished.stdout
-    assert (tmp_path / "runs" / "python_api" / "fine-tuned-model" / "config.json").is_file()
-    assert not (tmp_path / "fine-tuned-model").exists()
-
-
-@pytest.mark.parametrize("script", ["benchmarks/dpo_step.py", "benchmarks/loss_family.py", "benchmarks/hh_runs.py",
-                                    "benchmarks/lora_vs_full.py", "scripts/reference_interop.py"])
+# benchmarks/dpo_step.py runs for real in test_benchmark.py
+@pytest.mark.parametrize("script", ["benchmarks/loss_family.py", "benchmarks/hh_runs.py", "benchmarks/lora_vs_full.py",
+                                    "scripts/reference_interop.py"])
 def test_long_commands_start(script):
     finished = run(script, "--help")
     assert succeeded(finished), finished.stderr[-3000:]
