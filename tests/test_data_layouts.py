@@ -346,51 +346,20 @@ def test_train_py_names_the_columns_mapping_for_an_unknown_layout(tmp_path):
     assert pairs_of(data)["say yes"] == [("yes", "no")]
 
 
-def test_api_refuses_a_tokenizer_with_no_vocabulary_before_training(tmp_path):
-    if not GPT2.is_dir():
-        pytest.skip("../shared/tokenizers/gpt2 is absent")
+def api_error(tokenizer_line: str, run_dir: Path, **settings) -> str:
+    """The UserError a fresh process's `DPOTrainer(...).train()` raises with the tokenizer `tokenizer_line` builds."""
+    options = "".join(f", {key}={value!r}" for key, value in settings.items())
     script = f"""
 import sys
-from transformers import AutoModelForCausalLM, GPT2TokenizerFast, GPTNeoXConfig
-from dpo import DPOTrainer
-from dpo.errors import ConfigError
-tokenizer = GPT2TokenizerFast(vocab_file={str(GPT2 / 'vocab.json')!r}, merges_file={str(GPT2 / 'merges.txt')!r})
-model = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=max(len(tokenizer), 1), hidden_size=16,
-    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
-trainer = DPOTrainer(model=model, tokenizer=tokenizer, dataset=[("Say yes.", " yes", " no")] * 8, beta=0.1,
-                     batch_size=4, local_run_dir={str(tmp_path / 'run')!r})
-try:
-    trainer.train()
-except ConfigError as error:
-    print(error)
-    sys.exit(3)
-"""
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 3, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == (
-        "the tokenizer in use has no vocabulary (1 tokens, all special, and it encodes 'Hello, world' to no tokens), "
-        "so nothing could be trained; load it with AutoTokenizer.from_pretrained(<its directory or hub name>) "
-        "(transformers 5 builds an empty one from GPT2TokenizerFast(vocab_file=..., merges_file=...)), or set "
-        "model.tokenizer_name_or_path to it")
-    assert not (tmp_path / "run").exists()
-
-
-def test_api_renders_string_prompts_as_chat_when_asked(tmp_path):
-    # The setting reaches a tokenizer the caller hands over: a template-less GPT-2 tokenizer is then refused.
-    if not GPT2.is_dir():
-        pytest.skip("../shared/tokenizers/gpt2 is absent")
-    script = f"""
-import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, GPTNeoXConfig
 from dpo import DPOTrainer
 from dpo.errors import UserError
-tokenizer = AutoTokenizer.from_pretrained({str(GPT2)!r})
-model = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=16,
+tokenizer = {tokenizer_line}
+model = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=max(len(tokenizer), 1), hidden_size=16,
     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
 try:
     DPOTrainer(model=model, tokenizer=tokenizer, dataset=[("Say yes.", " yes", " no")] * 8, beta=0.1, batch_size=4,
-               string_prompts_as_chat=True, local_run_dir={str(tmp_path / 'run')!r}).train()
+               local_run_dir={str(run_dir)!r}{options}).train()
 except UserError as error:
     print(error)
     sys.exit(3)
@@ -398,8 +367,27 @@ except UserError as error:
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 3, result.stderr[-2000:]
-    assert "string rows to render as chat (model.string_prompts_as_chat=true" in result.stdout
-    assert not (tmp_path / "run").exists()
+    assert not run_dir.exists()
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_api_refuses_a_tokenizer_with_no_vocabulary_before_training(tmp_path):
+    if not GPT2.is_dir():
+        pytest.skip("../shared/tokenizers/gpt2 is absent")
+    empty = f"GPT2TokenizerFast(vocab_file={str(GPT2 / 'vocab.json')!r}, merges_file={str(GPT2 / 'merges.txt')!r})"
+    assert api_error(empty, tmp_path / "run") == (
+        "the tokenizer in use has no vocabulary (1 tokens, all special, and it encodes 'Hello, world' to no tokens), "
+        "so nothing could be trained; load it with AutoTokenizer.from_pretrained(<its directory or hub name>) "
+        "(transformers 5 builds an empty one from GPT2TokenizerFast(vocab_file=..., merges_file=...)), or set "
+        "model.tokenizer_name_or_path to it")
+
+
+def test_api_renders_string_prompts_as_chat_when_asked(tmp_path):
+    # The setting reaches a tokenizer the caller hands over: a template-less GPT-2 tokenizer is then refused.
+    if not GPT2.is_dir():
+        pytest.skip("../shared/tokenizers/gpt2 is absent")
+    message = api_error(f"AutoTokenizer.from_pretrained({str(GPT2)!r})", tmp_path / "run", string_prompts_as_chat=True)
+    assert "string rows to render as chat (model.string_prompts_as_chat=true" in message
 
 
 def test_eos_text_in_a_chosen_response_is_named_as_the_chosen_response(tmp_path):
