@@ -99,7 +99,9 @@ TRL_MISSING = "pip install -e .[bench]"
 ROW_FIELDS = ("implementation", "mode", "model", "device", "skipped", "pairs_per_s", "real_tokens_per_s",
               "useful_tokens_per_s", "padded_tokens_per_step", "real_tokens_per_step", "useful_tokens_per_step",
               "step_seconds_median", "step_seconds", "peak_memory_bytes", "peak_memory_kind", "final_loss", "mfu",
-              "non_embedding_params", "precompute_seconds", "dtypes", "warmup_steps", "timed_steps")
+              "non_embedding_params", "precompute_seconds", "dtypes", "warmup_steps", "timed_steps", "settings")
+# The config keys that make a library mode what it is, recorded in its row as composed.
+MODE_SETTINGS = ("lm_head_chunk_size", "packing", "prefix_sharing", "cache_reference_logps", "compile")
 
 
 # ---- pairs --------------------------------------------------------------------------------------
@@ -279,7 +281,9 @@ def compose_config(job: dict, overrides: Iterable[str] = ()):
     from dpo.config import compose_config as compose_library_config
 
     shape = {"model_type": "gpt_neox", **MODELS[job["model"]], "rotary_pct": 0.25, "max_position_embeddings": 2048}
-    common = ["loss=dpo", f"loss.beta={BETA}", f"batch_size={PAIRS_PER_STEP}", f"max_length={job['max_length']}",
+    # model=blank_model: the top-level defaults of config.yaml, not those the default `tiny` model sets for
+    # its own toy runs (its plain LM head once made the "chunked" row silently plain).
+    common = ["model=blank_model", "loss=dpo", f"loss.beta={BETA}", f"batch_size={PAIRS_PER_STEP}", f"max_length={job['max_length']}",
               f"max_prompt_length={job['max_prompt_length']}", "optimizer=RMSprop", f"lr={LR}", "warmup_steps=0",
               "wandb.enabled=false", "datasets=[hh]", "sample_during_eval=false",
               f"model.policy_dtype={job['dtypes'][0]}", f"model.reference_dtype={job['dtypes'][1]}",
@@ -333,7 +337,8 @@ def run_dpo(job: dict) -> dict:
         extra_warmup = COMPILE_EXTRA_WARMUP if config.get("compile") else 0
         measured = time_steps(lambda batch: trainer.train_step(batch)["loss/train"], job, batches, trainer.device,
                               extra_warmup)
-    return {**measured, "non_embedding_params": n_params, "precompute_seconds": precompute_seconds}
+    return {**measured, "non_embedding_params": n_params, "precompute_seconds": precompute_seconds,
+            "settings": {key: config.get(key) for key in MODE_SETTINGS}}
 
 
 def precompute_reference(trainer, batches: list[dict]) -> float:

@@ -40,6 +40,17 @@ def test_every_mode_of_both_implementations_ran(results):
             assert row["device"] == "cpu"
 
 
+def test_each_library_mode_ran_with_its_own_settings(results):
+    _, rows = results
+    settings = {row["mode"]: row["settings"] for row in rows if row["implementation"] == "dpo" and not row["skipped"]}
+    assert settings["plain"]["lm_head_chunk_size"] is None and not settings["plain"]["packing"]
+    assert settings["chunked"]["lm_head_chunk_size"] == 1024 and not settings["chunked"]["packing"]
+    assert settings["packed"]["packing"] and not settings["packed"]["prefix_sharing"]
+    assert settings["prefix_shared"]["packing"] and settings["prefix_shared"]["prefix_sharing"]
+    assert settings["prefix_shared+cached_reference"]["cache_reference_logps"]
+    assert all(mode["lm_head_chunk_size"] == 1024 for name, mode in settings.items() if name != "plain")
+
+
 def test_the_library_and_the_reference_step_reach_the_same_loss(results):
     _, rows = results
     float32 = [row for row in rows if not row["skipped"] and "bf16" not in row["mode"]]
