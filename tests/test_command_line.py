@@ -21,7 +21,6 @@ def train(*arguments: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                        "(the settings are the keys of config/config.yaml)"),
     (["loss=dpoo"], "error: loss=dpoo: there is no loss named 'dpoo'; did you mean loss=dpo? (the loss options are "
                     "the files of config/loss/: aot, aot_unpaired,"),
-    (["model=pythya28"], "error: model=pythya28: there is no model named 'pythya28'; did you mean model=pythia28?"),
     (["loss=dpo", "loss.bta=0.1"], "error: loss.bta=0.1: loss=dpo has no setting 'bta'; did you mean loss.beta? "
                                    "(its settings: beta, label_smoothing, name, reference_free, rpo_alpha)"),
     (["lora={r:4}"], "error: lora={r:4}: lora has no setting 'r' (its settings: alpha, dropout, rank, target_modules)"),
